@@ -1,0 +1,107 @@
+"""user_migration: move legacy Django users (account_user) into the new schema (account_newuser).
+
+Wiring only: every task is an operator from plugins/user_migration, and nothing here touches a
+database or imports a heavy library, so parsing stays cheap.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from airflow.sdk import DAG, Param
+from user_migration.operators import (
+    POOL,
+    GreatExpectationsValidationOperator,
+    LegacyBackupOperator,
+    MigrationPlanOperator,
+    MigrationReportOperator,
+    PartitionCopyOperator,
+    ProfileInitOperator,
+    TargetSchemaOperator,
+)
+
+DOC = (Path(__file__).parent / "user_migration_dag.md").read_text()
+
+with DAG(
+    dag_id="user_migration",
+    description="Migrate legacy account_user rows into account_newuser, auditably",
+    doc_md=DOC,
+    schedule=None,
+    start_date=dt.datetime(2025, 1, 1, tzinfo=dt.UTC),
+    catchup=False,
+    max_active_runs=1,
+    tags=["migration", "users", "postgres"],
+    default_args={
+        "owner": "data-platform",
+        "retries": 2,
+        "retry_delay": dt.timedelta(seconds=20),
+        "pool": POOL,
+    },
+    params={
+        "batch_size": Param(
+            10_000,
+            type="integer",
+            minimum=1,
+            maximum=1_000_000,
+            description="Rows read, transformed and written per batch inside a partition.",
+        ),
+        "partitions": Param(
+            2,
+            type="integer",
+            minimum=1,
+            maximum=256,
+            description="Id-range partitions copied as parallel mapped tasks (the pool bounds how many run at once).",
+        ),
+        "phone_region": Param(
+            "NP",
+            type="string",
+            pattern="^[A-Za-z]{2}$",
+            description="ISO 3166 region used to read phone numbers written without a country code.",
+        ),
+        "invalid_phone": Param(
+            "fix",
+            type="string",
+            enum=["fix", "reject"],
+            description="fix: migrate the user with an empty phone and record the original; reject: reject the user.",
+        ),
+        "dry_run": Param(
+            False,
+            type="boolean",
+            description="Back up, plan and apply the transforms, record rejects and fixes; write nothing to the target tables.",
+        ),
+        "max_reject_ratio": Param(
+            0.10,
+            type="number",
+            minimum=0,
+            maximum=1,
+            description="Validation fails when more than this share of source rows is rejected.",
+        ),
+        "legacy_mapping": Param(
+            {},
+            type="object",
+            description=(
+                "Overrides of include/config/legacy_mapping.json for legacy tables named differently, e.g. "
+                '{"users_table": "users", "columns": {"date_of_birth": "dob", "phone_number": "ph_number"}}.'
+            ),
+        ),
+        "legacy_conn_id": Param("legacy_db", type="string", description="Airflow connection of the legacy database."),
+        "target_conn_id": Param(
+            "target_db",
+            type="string",
+            description="Airflow connection of the target database; the legacy one when it is not defined.",
+        ),
+    },
+) as dag:
+    backup = LegacyBackupOperator(task_id="backup")
+    ddl = TargetSchemaOperator(task_id="ddl")
+    plan = MigrationPlanOperator(task_id="plan")
+    copy = PartitionCopyOperator.partial(
+        task_id="copy",
+        map_index_template="ids {{ task.partition['lo'] }}-{{ task.partition['hi'] }}",
+    ).expand(partition=plan.output)
+    profiles = ProfileInitOperator(task_id="profiles")
+    validate = GreatExpectationsValidationOperator(task_id="validate", retries=0)
+    report = MigrationReportOperator(task_id="report")
+
+    backup >> ddl >> plan >> copy >> profiles >> validate >> report

@@ -1,0 +1,1 @@
+"""Operators, hooks and plain modules of the user_migration DAG bundle."""

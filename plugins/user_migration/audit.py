@@ -1,0 +1,144 @@
+"""The audit trail in migration_audit: runs, task attempts, validation results, run summaries.
+
+Summaries hold counts, reasons, paths and timings only: never a password hash, email, phone or row.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+
+def start_run(
+    conn: psycopg.Connection,
+    run_id: str,
+    dag_id: str,
+    logical_date: dt.datetime | None,
+    dry_run: bool,
+    settings: dict[str, Any],
+) -> None:
+    with conn.transaction():
+        conn.execute(
+            """
+            INSERT INTO migration_audit.runs (run_id, dag_id, logical_date, dry_run, params, state)
+            VALUES (%s, %s, %s, %s, %s, 'running')
+            ON CONFLICT (run_id) DO UPDATE SET state = 'running', params = EXCLUDED.params, finished_at = NULL
+            """,
+            (run_id, dag_id, logical_date, dry_run, Jsonb(settings)),
+        )
+
+
+def set_backup(conn: psycopg.Connection, run_id: str, path: str) -> None:
+    with conn.transaction():
+        conn.execute("UPDATE migration_audit.runs SET backup_path = %s WHERE run_id = %s", (path, run_id))
+
+
+def record_attempt(
+    conn: psycopg.Connection,
+    run_id: str,
+    task_id: str,
+    map_index: int,
+    try_number: int | None,
+    state: str,
+    message: str | None = None,
+) -> None:
+    with conn.transaction():
+        conn.execute(
+            "INSERT INTO migration_audit.task_attempts (run_id, task_id, map_index, try_number, state, message) "
+            "VALUES (%s, %s, %s, %s, %s, %s)",
+            (run_id, task_id, map_index, try_number, state, message),
+        )
+
+
+def store_validation(conn: psycopg.Connection, run_id: str, outcomes: list[dict[str, Any]]) -> None:
+    """Replace this run's validation results with ``outcomes`` (name, success, observed, details)."""
+    with conn.transaction():
+        conn.execute("DELETE FROM migration_audit.validation_results WHERE run_id = %s", (run_id,))
+        for item in outcomes:
+            conn.execute(
+                "INSERT INTO migration_audit.validation_results (run_id, expectation, success, observed, details) "
+                "VALUES (%s, %s, %s, %s, %s)",
+                (run_id, item["name"], item["success"], Jsonb(item.get("observed")), Jsonb(item.get("details"))),
+            )
+
+
+def reconcile(conn: psycopg.Connection, run_id: str) -> dict[str, Any]:
+    """Counts of the run from the audit tables: every source row moved or rejected, exactly once."""
+    plan = conn.execute(
+        "SELECT source_rows, jsonb_array_length(partitions) FROM migration_audit.plans WHERE run_id = %s",
+        (run_id,),
+    ).fetchone()
+    if plan is None:
+        raise LookupError(f"run {run_id} has no plan in migration_audit.plans")
+    totals = conn.execute(
+        """
+        SELECT count(*), count(*) FILTER (WHERE state = 'done'),
+               coalesce(sum(rows_in), 0)::bigint, coalesce(sum(inserted), 0)::bigint, coalesce(sum(updated), 0)::bigint,
+               coalesce(sum(unchanged), 0)::bigint, coalesce(sum(removed), 0)::bigint, coalesce(sum(fixed), 0)::bigint,
+               coalesce(sum(links_in), 0)::bigint, coalesce(sum(attempts), 0)::bigint
+        FROM migration_audit.partitions WHERE run_id = %s
+        """,
+        (run_id,),
+    ).fetchone()
+    rejected = dict(
+        conn.execute(
+            "SELECT reason, count(*) FROM migration_audit.rejected_rows WHERE run_id = %s GROUP BY reason "
+            "ORDER BY reason",
+            (run_id,),
+        ).fetchall()
+    )
+    fixes = {
+        f"{field}:{reason}": n
+        for field, reason, n in conn.execute(
+            "SELECT field, reason, count(*) FROM migration_audit.field_fixes WHERE run_id = %s "
+            "GROUP BY field, reason ORDER BY field, reason",
+            (run_id,),
+        ).fetchall()
+    }
+    rows_in = totals[2]
+    rejected_total = sum(rejected.values())
+    return {
+        "source_rows": plan[0],
+        "partitions": plan[1],
+        "partitions_done": totals[1],
+        "partition_attempts": totals[9],
+        "rows_read": rows_in,
+        "migrated": rows_in - rejected_total,
+        "inserted": totals[3],
+        "updated": totals[4],
+        "unchanged": totals[5],
+        "removed": totals[6],
+        "rejected": rejected_total,
+        "rejected_by_reason": rejected,
+        "fixed_fields": totals[7],
+        "fixed_by_field": fixes,
+        "links_read": totals[8],
+    }
+
+
+def finish_run(conn: psycopg.Connection, run_id: str, state: str, summary: dict[str, Any]) -> None:
+    with conn.transaction():
+        conn.execute(
+            "UPDATE migration_audit.runs SET state = %s, finished_at = now(), summary = %s, "
+            "source_rows = %s WHERE run_id = %s",
+            (state, Jsonb(summary), summary.get("source_rows"), run_id),
+        )
+
+
+def run_started_at(conn: psycopg.Connection, run_id: str) -> dt.datetime | None:
+    row = conn.execute("SELECT started_at FROM migration_audit.runs WHERE run_id = %s", (run_id,)).fetchone()
+    return row[0] if row else None
+
+
+def validation_results(conn: psycopg.Connection, run_id: str) -> list[dict[str, Any]]:
+    return [
+        {"name": name, "success": success, "observed": observed}
+        for name, success, observed in conn.execute(
+            "SELECT expectation, success, observed FROM migration_audit.validation_results WHERE run_id = %s "
+            "ORDER BY validated_at, expectation",
+            (run_id,),
+        ).fetchall()
+    ]

@@ -1,0 +1,209 @@
+"""Backup of the legacy tables: COPY ... TO STDOUT streamed into gzip'd CSV files with a manifest.
+
+All tables are read in one REPEATABLE READ transaction, so the files agree with each other. Each
+file is written under a temporary name, fsync'd, then renamed, and the manifest (with the sha256
+of every file as written) is written last: a folder without manifest.json is not a backup.
+Folders are 0700 and files 0600, since they hold password hashes and personal data.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from user_migration.config import LegacyMapping
+from user_migration.db import MigrationError
+
+MANIFEST = "manifest.json"
+GZIP_LEVEL = 1  # speed over size: the backup must keep pace with COPY (>1M rows/s)
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    folder: str
+    tables: list[dict[str, Any]]
+
+    @property
+    def rows(self) -> dict[str, int]:
+        return {t["table"]: t["rows"] for t in self.tables}
+
+
+def run_folder_name(run_id: str) -> str:
+    """A file-system-safe folder name for an Airflow run id (which holds ':' and '+')."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", run_id)
+
+
+class _HashingWriter:
+    """A binary file wrapper that hashes exactly the bytes that reach the file."""
+
+    def __init__(self, fileobj):
+        self._file = fileobj
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self._file.write(data)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+
+def _private_dir(path: Path) -> None:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def _open_private(path: Path):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "wb")
+
+
+def _dump_table(cur: psycopg.Cursor, query: sql.Composable, path: Path) -> tuple[int, str, int]:
+    """Stream one COPY into ``path``; returns (rows, sha256, bytes)."""
+    tmp = path.with_name(path.name + ".partial")
+    with _open_private(tmp) as raw:
+        hashing = _HashingWriter(raw)
+        with gzip.GzipFile(filename="", mode="wb", fileobj=hashing, compresslevel=GZIP_LEVEL, mtime=0) as gz:
+            with cur.copy(
+                sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT csv, HEADER true)").format(query)
+            ) as copy:
+                for block in copy:
+                    gz.write(block)
+        raw.flush()
+        os.fsync(raw.fileno())
+    os.replace(tmp, path)
+    return cur.rowcount, hashing.sha256.hexdigest(), hashing.size
+
+
+def run_backup(
+    conn: psycopg.Connection,
+    mapping: LegacyMapping,
+    root: Path,
+    run_id: str,
+    conn_id: str = "legacy_db",
+) -> BackupResult:
+    """Write the backup of the legacy users and their links for ``run_id``; safe to repeat."""
+    _check_writable(root)
+    folder = root / run_folder_name(run_id)
+    if folder.exists():
+        # A retry: whatever an earlier attempt left is replaced, never trusted.
+        shutil.rmtree(folder)
+    _private_dir(folder)
+    started = dt.datetime.now(dt.UTC)
+    tables: list[tuple[str, sql.Composable]] = [
+        (
+            mapping.users_table,
+            sql.SQL("SELECT * FROM {} ORDER BY 1").format(
+                sql.Identifier(mapping.schema, mapping.users_table)
+            ),
+        )
+    ]
+    for link in (mapping.groups, mapping.permissions):
+        if link is not None:
+            tables.append(
+                (
+                    link.table,
+                    sql.SQL("SELECT * FROM {} ORDER BY 1").format(sql.Identifier(mapping.schema, link.table)),
+                )
+            )
+    entries: list[dict[str, Any]] = []
+    try:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        conn.read_only = True
+        with conn.transaction(), conn.cursor() as cur:
+            version = conn.execute("SHOW server_version").fetchone()[0]
+            for table, query in tables:
+                path = folder / f"{table}.csv.gz"
+                table_started = dt.datetime.now(dt.UTC)
+                columns = [
+                    d.name
+                    for d in conn.execute(
+                        sql.SQL("SELECT * FROM ({}) AS t LIMIT 0").format(query)
+                    ).description
+                ]
+                rows, sha, size = _dump_table(cur, query, path)
+                entries.append(
+                    {
+                        "table": f"{mapping.schema}.{table}",
+                        "path": path.name,
+                        "rows": rows,
+                        "sha256": sha,
+                        "bytes": size,
+                        "columns": columns,
+                        "format": "csv, header, gzip",
+                        "started_at": table_started.isoformat(),
+                        "finished_at": dt.datetime.now(dt.UTC).isoformat(),
+                    }
+                )
+    except OSError as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise MigrationError(
+            f"cannot write the backup to {folder}: {exc.strerror or exc}. Free space or fix permissions of "
+            f"that folder, or point USER_MIGRATION_BACKUP_DIR elsewhere; nothing was migrated"
+        ) from None
+    finally:
+        conn.read_only = False
+        conn.isolation_level = None
+    manifest = {
+        "run_id": run_id,
+        "connection": conn_id,
+        "server_version": version,
+        "started_at": started.isoformat(),
+        "finished_at": dt.datetime.now(dt.UTC).isoformat(),
+        "tables": entries,
+    }
+    tmp = folder / (MANIFEST + ".partial")
+    with _open_private(tmp) as fh:
+        fh.write(json.dumps(manifest, indent=2).encode())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, folder / MANIFEST)
+    return BackupResult(folder=str(folder), tables=entries)
+
+
+def _check_writable(root: Path) -> None:
+    try:
+        _private_dir(root)
+        probe = root / ".write-probe"
+        with _open_private(probe) as fh:
+            fh.write(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise MigrationError(
+            f"backup folder {root} is not writable ({exc.strerror or exc}); fix its permissions or set "
+            "USER_MIGRATION_BACKUP_DIR to a writable folder. Nothing was migrated"
+        ) from None
+
+
+def verify_backup(folder: Path) -> dict[str, Any]:
+    """Check every file of a backup against its manifest; raises naming the file and both checksums."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise MigrationError(f"{folder} has no {MANIFEST}: it is not a complete backup")
+    manifest = json.loads(manifest_path.read_text())
+    for entry in manifest["tables"]:
+        path = folder / entry["path"]
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        if digest.hexdigest() != entry["sha256"]:
+            raise MigrationError(
+                f"backup file {path} does not match its manifest: sha256 is {digest.hexdigest()}, "
+                f"the manifest says {entry['sha256']}. Refusing to use it"
+            )
+    return manifest

@@ -1,0 +1,223 @@
+"""Run settings and the legacy table mapping, validated before anything is read or written.
+
+Everything a user may set at trigger time arrives here as plain data (Airflow Params, a JSON file),
+so a mistake is reported as one sentence naming the setting and the fix, never as a traceback from
+deep inside a task. No Airflow import: the benchmark and the tests use this module directly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+INCLUDE_DIR = REPO_ROOT / "include"
+DEFAULT_MAPPING_FILE = INCLUDE_DIR / "config" / "legacy_mapping.json"
+MAPPING_FILE_ENV = "USER_MIGRATION_MAPPING_FILE"
+BACKUP_DIR_ENV = "USER_MIGRATION_BACKUP_DIR"
+DEFAULT_BACKUP_DIR = REPO_ROOT / "var" / "backups"
+
+# Canonical field names, in the order rows travel through the pipeline.
+FIELDS = (
+    "id",
+    "password",
+    "last_login",
+    "is_superuser",
+    "email",
+    "username",
+    "full_name",
+    "date_of_birth",
+    "phone_number",
+    "is_active",
+    "is_staff",
+)
+# Fields a legacy table may lack (mapped to null): the value every Django user gets by default.
+OPTIONAL_FIELD_DEFAULTS: dict[str, Any] = {
+    "last_login": None,
+    "is_superuser": False,
+    "is_staff": False,
+    "is_active": True,
+}
+MAX_BATCH_SIZE = 1_000_000
+MAX_PARTITIONS = 256
+PG_IDENTIFIER_MAX_BYTES = 63
+
+
+class ConfigError(ValueError):
+    """A setting is wrong; the message names it and says how to fix it."""
+
+
+@dataclass(frozen=True)
+class LinkTable:
+    table: str
+    user_column: str
+    other_column: str
+
+
+@dataclass(frozen=True)
+class LegacyMapping:
+    """Where the legacy users live and what their columns are called."""
+
+    schema: str
+    users_table: str
+    columns: dict[str, str | None]
+    groups: LinkTable | None
+    permissions: LinkTable | None
+
+    def column(self, canonical: str) -> str | None:
+        return self.columns.get(canonical)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _identifier(value: Any, setting: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{setting} must be a non-empty name, got {value!r}")
+    if len(value.encode()) > PG_IDENTIFIER_MAX_BYTES:
+        raise ConfigError(
+            f"{setting} is longer than PostgreSQL's {PG_IDENTIFIER_MAX_BYTES}-byte identifier limit: {value!r}"
+        )
+    if "\x00" in value:
+        raise ConfigError(f"{setting} contains a NUL character")
+    return value
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _link(raw: Any, setting: str, other_key: str) -> LinkTable | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{setting} must be an object like {{'table': ..., 'user_column': ...}} or null")
+    unknown = set(raw) - {"table", "user_column", other_key}
+    if unknown:
+        raise ConfigError(
+            f"{setting} has unknown keys {sorted(unknown)}; allowed: table, user_column, {other_key}"
+        )
+    return LinkTable(
+        table=_identifier(raw.get("table"), f"{setting}.table"),
+        user_column=_identifier(raw.get("user_column"), f"{setting}.user_column"),
+        other_column=_identifier(raw.get(other_key), f"{setting}.{other_key}"),
+    )
+
+
+def load_mapping(overrides: dict[str, Any] | None = None) -> LegacyMapping:
+    """The shipped mapping, then the file named by USER_MIGRATION_MAPPING_FILE, then ``overrides``."""
+    raw = json.loads(DEFAULT_MAPPING_FILE.read_text())
+    env_file = os.environ.get(MAPPING_FILE_ENV)
+    if env_file:
+        path = Path(env_file)
+        if not path.is_file():
+            raise ConfigError(f"{MAPPING_FILE_ENV} points at {path}, which is not a file")
+        try:
+            raw = _deep_merge(raw, json.loads(path.read_text()))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+    if overrides:
+        if not isinstance(overrides, dict):
+            raise ConfigError("legacy_mapping must be a JSON object")
+        raw = _deep_merge(raw, overrides)
+
+    unknown = set(raw) - {"schema", "users_table", "columns", "groups", "permissions"}
+    if unknown:
+        raise ConfigError(
+            f"legacy_mapping has unknown keys {sorted(unknown)}; allowed: schema, users_table, columns, "
+            "groups, permissions"
+        )
+    columns_raw = raw.get("columns") or {}
+    unknown_fields = set(columns_raw) - set(FIELDS)
+    if unknown_fields:
+        raise ConfigError(
+            f"legacy_mapping.columns has unknown fields {sorted(unknown_fields)}; the fields are {', '.join(FIELDS)}"
+        )
+    columns: dict[str, str | None] = {}
+    for name in FIELDS:
+        value = columns_raw.get(name, name)
+        if value is None and name in OPTIONAL_FIELD_DEFAULTS:
+            columns[name] = None
+            continue
+        columns[name] = _identifier(value, f"legacy_mapping.columns.{name}")
+    return LegacyMapping(
+        schema=_identifier(raw.get("schema", "public"), "legacy_mapping.schema"),
+        users_table=_identifier(raw.get("users_table"), "legacy_mapping.users_table"),
+        columns=columns,
+        groups=_link(raw.get("groups"), "legacy_mapping.groups", "group_column"),
+        permissions=_link(raw.get("permissions"), "legacy_mapping.permissions", "permission_column"),
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One run's settings, checked; built from the DAG's Params."""
+
+    batch_size: int = 10_000
+    partitions: int = 2
+    phone_region: str = "NP"
+    invalid_phone: str = "fix"
+    dry_run: bool = False
+    max_reject_ratio: float = 0.10
+    legacy_conn_id: str = "legacy_db"
+    target_conn_id: str = "target_db"
+    mapping: LegacyMapping = field(default_factory=load_mapping)
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> Settings:
+        def integer(name: str, low: int, high: int) -> int:
+            value = params.get(name, getattr(cls, name))
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
+            if not low <= value <= high:
+                raise ConfigError(f"{name} must be from {low} to {high}, got {value}")
+            return value
+
+        region = str(params.get("phone_region", cls.phone_region) or "").upper()
+        import phonenumbers
+
+        if region not in phonenumbers.SUPPORTED_REGIONS:
+            raise ConfigError(
+                f"phone_region {region!r} is not a region phonenumbers knows; use a two-letter ISO 3166 code "
+                "such as NP, IN, US or GB"
+            )
+        invalid_phone = params.get("invalid_phone", cls.invalid_phone)
+        if invalid_phone not in ("fix", "reject"):
+            raise ConfigError(f"invalid_phone must be 'fix' or 'reject', got {invalid_phone!r}")
+        ratio = params.get("max_reject_ratio", cls.max_reject_ratio)
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+            raise ConfigError(f"max_reject_ratio must be a number from 0 to 1, got {ratio!r}")
+        dry_run = params.get("dry_run", cls.dry_run)
+        if not isinstance(dry_run, bool):
+            raise ConfigError(f"dry_run must be true or false, got {dry_run!r}")
+        return cls(
+            batch_size=integer("batch_size", 1, MAX_BATCH_SIZE),
+            partitions=integer("partitions", 1, MAX_PARTITIONS),
+            phone_region=region,
+            invalid_phone=invalid_phone,
+            dry_run=dry_run,
+            max_reject_ratio=float(ratio),
+            legacy_conn_id=_identifier(params.get("legacy_conn_id", cls.legacy_conn_id), "legacy_conn_id"),
+            target_conn_id=_identifier(params.get("target_conn_id", cls.target_conn_id), "target_conn_id"),
+            mapping=load_mapping(params.get("legacy_mapping") or None),
+        )
+
+    def public(self) -> dict[str, Any]:
+        """The settings as recorded in the audit trail and report (no secrets in here)."""
+        data = asdict(self)
+        data["mapping"] = self.mapping.as_dict()
+        return data
+
+
+def backup_root() -> Path:
+    return Path(os.environ.get(BACKUP_DIR_ENV) or DEFAULT_BACKUP_DIR)

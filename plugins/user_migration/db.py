@@ -1,0 +1,140 @@
+"""psycopg 3 helpers shared by every stage: connecting with clear errors, SQL files, safe errors.
+
+psycopg 3 is the one driver of this project (the postgres provider hands out psycopg 3 connections
+too, with SQLAlchemy 2 and psycopg installed); nothing here imports Airflow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from user_migration.config import INCLUDE_DIR, LegacyMapping
+
+SQL_DIR = INCLUDE_DIR / "sql"
+APPLICATION_NAME = "user_migration"
+
+
+class ConnectionProblem(RuntimeError):
+    """A connection cannot be made; the message names the connection and the cause."""
+
+
+class MigrationError(RuntimeError):
+    """A stage failed for a reason the user must act on; the message says which and how."""
+
+
+def connect(conninfo: str, *, name: str, autocommit: bool = False) -> psycopg.Connection:
+    """Open a connection, turning driver errors into one sentence that names ``name``."""
+    try:
+        return psycopg.connect(
+            conninfo,
+            autocommit=autocommit,
+            application_name=APPLICATION_NAME,
+            connect_timeout=10,
+        )
+    except psycopg.OperationalError as exc:
+        raise ConnectionProblem(
+            f"cannot connect to the database of connection '{name}': {first_line(exc)}. "
+            f"Check that connection's host, port, user, password and database."
+        ) from None
+
+
+def first_line(exc: BaseException) -> str:
+    """The primary message of a driver error, without DETAIL/CONTEXT lines that may quote row values."""
+    if isinstance(exc, psycopg.Error) and exc.diag and exc.diag.message_primary:
+        return exc.diag.message_primary.strip()
+    text = str(exc).strip()
+    return text.splitlines()[-1].strip() if text else type(exc).__name__
+
+
+def safe_error(exc: BaseException) -> str:
+    """A description of a database error that never includes data values (for logs and audit)."""
+    if isinstance(exc, psycopg.Error):
+        diag = exc.diag
+        parts = [type(exc).__name__]
+        if diag.sqlstate:
+            parts.append(f"sqlstate {diag.sqlstate}")
+        if diag.constraint_name:
+            parts.append(f"constraint {diag.constraint_name}")
+        if diag.table_name:
+            parts.append(f"table {diag.table_name}")
+        if diag.column_name:
+            parts.append(f"column {diag.column_name}")
+        return ", ".join(parts)
+    if isinstance(exc, (MigrationError, ConnectionProblem)):
+        return str(exc)
+    return type(exc).__name__
+
+
+def read_sql(relative: str) -> str:
+    return (SQL_DIR / relative).read_text()
+
+
+def run_sql_file(
+    conn: psycopg.Connection, relative: str | Path, params: dict[str, Any] | None = None
+) -> None:
+    """Execute a whole .sql file (several statements) in the connection's current transaction."""
+    text = Path(relative).read_text() if isinstance(relative, Path) else read_sql(relative)
+    with conn.cursor() as cur:
+        cur.execute(text.encode(), params, prepare=False)
+
+
+def ensure_audit_schema(conn: psycopg.Connection) -> None:
+    """Create the audit schema if needed; safe to call from concurrent tasks."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('user_migration.audit_schema'))")
+        run_sql_file(conn, "audit/000_audit_schema.sql")
+
+
+def users_table(mapping: LegacyMapping) -> sql.Composed:
+    return sql.Identifier(mapping.schema, mapping.users_table)
+
+
+def legacy_select_list(mapping: LegacyMapping) -> sql.Composed:
+    """``"col" AS canonical, ...`` for every field; unmapped optional fields get their default."""
+    from user_migration.config import FIELDS, OPTIONAL_FIELD_DEFAULTS
+
+    items = []
+    for name in FIELDS:
+        column = mapping.column(name)
+        if column is None:
+            default = OPTIONAL_FIELD_DEFAULTS[name]
+            literal = sql.SQL("NULL::timestamptz") if default is None else sql.Literal(default)
+            items.append(sql.SQL("{} AS {}").format(literal, sql.Identifier(name)))
+        else:
+            items.append(sql.SQL("{} AS {}").format(sql.Identifier(column), sql.Identifier(name)))
+    return sql.SQL(", ").join(items)
+
+
+def check_legacy_tables(conn: psycopg.Connection, mapping: LegacyMapping, conn_id: str) -> None:
+    """Fail before anything is written if a mapped table or column does not exist."""
+    wanted: list[tuple[str, list[str], str]] = [
+        (
+            mapping.users_table,
+            [c for c in mapping.columns.values() if c is not None],
+            "legacy_mapping.users_table",
+        )
+    ]
+    for key, link in (("groups", mapping.groups), ("permissions", mapping.permissions)):
+        if link is not None:
+            wanted.append((link.table, [link.user_column, link.other_column], f"legacy_mapping.{key}.table"))
+    for table, columns, setting in wanted:
+        rows = conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND table_name = %s",
+            (mapping.schema, table),
+        ).fetchall()
+        if not rows:
+            raise MigrationError(
+                f"legacy table {mapping.schema}.{table!r} does not exist in connection '{conn_id}' "
+                f"(or this role cannot see it); set {setting} to the right table name"
+            )
+        present = {r[0] for r in rows}
+        missing = [c for c in columns if c not in present]
+        if missing:
+            raise MigrationError(
+                f"legacy table {mapping.schema}.{table!r} has no column(s) {', '.join(repr(m) for m in missing)}; "
+                f"map them in legacy_mapping (columns, or the link table's columns) to the real names"
+            )

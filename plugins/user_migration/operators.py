@@ -1,0 +1,299 @@
+"""The operators of the user_migration DAG: one job each, logic in the plain modules they call.
+
+Every operator reads the run's Params into checked Settings, records its attempt in
+migration_audit.task_attempts, and turns failures into one readable sentence. Mistakes a retry
+cannot fix (a bad setting, a missing table, a failed check) fail at once without retries.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
+
+from user_migration import audit
+from user_migration.config import ConfigError, Settings, backup_root
+from user_migration.db import ConnectionProblem, MigrationError, check_legacy_tables, ensure_audit_schema, safe_error
+from user_migration.hooks import MigrationDbHook
+
+POOL = "user_migration_db"
+
+
+class ValidationFailed(MigrationError):
+    """A check of the migrated data failed; the message says which and by how much."""
+
+
+class _MigrationOperator(BaseOperator):
+    """Shared shape: settings, connections, audit of the attempt, clean errors."""
+
+    ui_color = "#e8f0fe"
+
+    def execute(self, context: Any) -> Any:
+        try:
+            settings = Settings.from_params(dict(context["params"]))
+        except ConfigError as exc:
+            raise AirflowFailException(f"invalid setting: {exc}") from None
+        run_id = context["run_id"]
+        ti = context["ti"]
+        map_index = getattr(ti, "map_index", -1)
+        map_index = -1 if map_index is None else map_index
+        self._settings = settings
+        self._target_hook = MigrationDbHook(settings.target_conn_id, fallback_conn_id=settings.legacy_conn_id)
+        self._legacy_hook = MigrationDbHook(settings.legacy_conn_id)
+        try:
+            target = self._target_hook.get_conn(autocommit=True)
+        except ConnectionProblem as exc:
+            raise MigrationError(str(exc)) from None
+        try:
+            ensure_audit_schema(target)
+            audit.record_attempt(target, run_id, self.task_id, map_index, ti.try_number, "running")
+            try:
+                result = self.run(context, settings, target)
+            except AirflowFailException as exc:
+                self._record_failure(target, run_id, map_index, ti.try_number, str(exc))
+                raise
+            except (ConfigError, ValidationFailed) as exc:
+                self._record_failure(target, run_id, map_index, ti.try_number, str(exc))
+                raise AirflowFailException(str(exc)) from None
+            except Exception as exc:
+                message = safe_error(exc)
+                self._record_failure(target, run_id, map_index, ti.try_number, message)
+                if isinstance(exc, psycopg.Error):
+                    # Driver messages can quote row values (DETAIL, CONTEXT): never let them reach the log.
+                    raise MigrationError(f"{self.task_id} failed: {message}") from None
+                raise
+            audit.record_attempt(target, run_id, self.task_id, map_index, ti.try_number, "success")
+            return result
+        finally:
+            target.close()
+
+    def _record_failure(self, target: psycopg.Connection, run_id: str, map_index: int, try_number, message) -> None:
+        try:
+            if target.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                target.rollback()
+            audit.record_attempt(target, run_id, self.task_id, map_index, try_number, "failed", message)
+        except psycopg.Error:
+            self.log.warning("could not record the failed attempt in migration_audit (connection lost)")
+
+    @contextmanager
+    def legacy(self) -> Iterator[psycopg.Connection]:
+        try:
+            conn = self._legacy_hook.get_conn(autocommit=True)
+        except ConnectionProblem as exc:
+            raise MigrationError(str(exc)) from None
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def run(self, context: Any, settings: Settings, target: psycopg.Connection) -> Any:
+        raise NotImplementedError
+
+
+class LegacyBackupOperator(_MigrationOperator):
+    """Check the mapping against the legacy tables, then back them up (gzip'd CSV + manifest)."""
+
+    def run(self, context, settings, target):
+        from user_migration.backup import run_backup
+
+        run_id = context["run_id"]
+        dag_run = context["dag_run"]
+        audit.start_run(
+            target, run_id, dag_run.dag_id, context.get("logical_date"), settings.dry_run, settings.public()
+        )
+        with self.legacy() as legacy:
+            try:
+                check_legacy_tables(legacy, settings.mapping, settings.legacy_conn_id)
+            except MigrationError as exc:
+                raise ConfigError(str(exc)) from None
+            result = run_backup(legacy, settings.mapping, backup_root(), run_id, settings.legacy_conn_id)
+        audit.set_backup(target, run_id, result.folder)
+        self.log.info("backup written to %s: %s", result.folder, result.rows)
+        return {"folder": result.folder, "rows": result.rows}
+
+
+class TargetSchemaOperator(_MigrationOperator):
+    """Apply the pending versioned DDL of the new schema (skipped on a dry run)."""
+
+    def run(self, context, settings, target):
+        from user_migration.schema import apply_schema
+
+        if settings.dry_run:
+            self.log.info("dry run: the target schema is not created or changed")
+            return {"applied": [], "dry_run": True}
+        applied = apply_schema(target, context["run_id"])
+        self.log.info("schema changes applied now: %s", applied or "none (up to date)")
+        return {"applied": applied}
+
+
+class MigrationPlanOperator(_MigrationOperator):
+    """Split the id range into partitions and decide duplicates globally; returns the partitions."""
+
+    def run(self, context, settings, target):
+        from user_migration.plan import make_plan
+
+        dag_run = context["dag_run"]
+        as_of = (context.get("logical_date") or dag_run.run_after or dt.datetime.now(dt.UTC)).date()
+        with self.legacy() as legacy:
+            plan = make_plan(legacy, target, settings, context["run_id"], as_of)
+        self.log.info(
+            "plan: %s source rows, %s partitions, %s duplicates",
+            plan["source_rows"],
+            len(plan["partitions"]),
+            plan["duplicates"],
+        )
+        return plan["partitions"]
+
+
+class PartitionCopyOperator(_MigrationOperator):
+    """Copy one partition (mapped: one task instance per partition, bounded by the pool)."""
+
+    template_fields = ("partition",)
+
+    def __init__(self, *, partition: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.partition = partition
+
+    def run(self, context, settings, target):
+        from user_migration.partition_copy import copy_partition
+
+        with self.legacy() as legacy:
+            result = copy_partition(legacy, target, settings, context["run_id"], self.partition)
+        summary = result.as_dict()
+        self.log.info(
+            "partition %s (ids %s..%s, %s path): %s rows in %s batches, %s migrated (%s new, %s updated, "
+            "%s unchanged), %s removed, %s rejected %s, %s fixes, %.1f s",
+            result.partition_no,
+            result.lo,
+            result.hi,
+            result.path,
+            result.rows_in,
+            result.batches,
+            result.migrated,
+            result.inserted,
+            result.updated,
+            result.unchanged,
+            result.removed,
+            result.rejected,
+            result.rejected_by_reason,
+            result.fixed,
+            result.seconds,
+        )
+        return summary
+
+
+class ProfileInitOperator(_MigrationOperator):
+    """One account_profile per migrated user; id sequences past the copied ids."""
+
+    def run(self, context, settings, target):
+        from user_migration.finalize import init_profiles
+
+        if settings.dry_run:
+            self.log.info("dry run: no profiles created")
+            return {"dry_run": True}
+        result = init_profiles(target)
+        self.log.info("profiles created: %s (total %s)", result["profiles_created"], result["profiles_total"])
+        return result
+
+
+class GreatExpectationsValidationOperator(_MigrationOperator):
+    """Reconcile the counts and run the Great Expectations suite on the target; store the results."""
+
+    def run(self, context, settings, target):
+        run_id = context["run_id"]
+        numbers = audit.reconcile(target, run_id)
+        outcomes: list[dict[str, Any]] = []
+
+        def check(name: str, success: bool, observed: Any, message: str) -> None:
+            outcomes.append({"name": name, "success": success, "observed": observed, "details": {"message": message}})
+
+        accounted = numbers["migrated"] + numbers["rejected"]
+        check(
+            "every_source_row_accounted",
+            accounted == numbers["source_rows"] and numbers["rows_read"] == numbers["source_rows"],
+            {"source_rows": numbers["source_rows"], "migrated": numbers["migrated"], "rejected": numbers["rejected"]},
+            f"source rows {numbers['source_rows']} vs migrated + rejected {accounted} "
+            f"(off by {accounted - numbers['source_rows']})",
+        )
+        check(
+            "all_partitions_done",
+            numbers["partitions_done"] == numbers["partitions"],
+            {"done": numbers["partitions_done"], "planned": numbers["partitions"]},
+            f"{numbers['partitions_done']} of {numbers['partitions']} partitions done",
+        )
+        ratio = numbers["rejected"] / numbers["source_rows"] if numbers["source_rows"] else 0.0
+        check(
+            "reject_ratio_within_limit",
+            ratio <= settings.max_reject_ratio,
+            {"ratio": round(ratio, 6), "limit": settings.max_reject_ratio},
+            f"{numbers['rejected']} of {numbers['source_rows']} rows rejected ({ratio:.2%}), the limit is "
+            f"{settings.max_reject_ratio:.2%} (Param max_reject_ratio)",
+        )
+        if not settings.dry_run:
+            from user_migration.validation import validate_target
+
+            started = time.perf_counter()
+            for outcome in validate_target(self._target_hook.sqlalchemy_url(), expected_users=numbers["migrated"]):
+                check(outcome.name, outcome.success, outcome.observed, outcome.failure_message())
+            self.log.info("Great Expectations ran in %.1f s", time.perf_counter() - started)
+        audit.store_validation(target, run_id, outcomes)
+        failed = [o for o in outcomes if not o["success"]]
+        for o in outcomes:
+            self.log.info("check %s: %s", o["name"], "passed" if o["success"] else "FAILED")
+        if failed:
+            raise ValidationFailed(
+                f"{len(failed)} of {len(outcomes)} checks failed: "
+                + "; ".join(o["details"]["message"] for o in failed)
+            )
+        return {"checks": len(outcomes), "passed": len(outcomes)}
+
+
+class MigrationReportOperator(_MigrationOperator):
+    """Write report.json and report.md beside the backup; return the summary (no personal data)."""
+
+    def run(self, context, settings, target):
+        from user_migration.report import PERSONAL_DATA_NOTE, write_report
+
+        run_id = context["run_id"]
+        numbers = audit.reconcile(target, run_id)
+        backup = target.execute(
+            "SELECT backup_path FROM migration_audit.runs WHERE run_id = %s", (run_id,)
+        ).fetchone()
+        backup_path = backup[0] if backup else None
+        started = audit.run_started_at(target, run_id)
+        target_users = None
+        if not settings.dry_run:
+            target_users = target.execute("SELECT count(*) FROM account_newuser").fetchone()[0]
+        summary = {
+            "run_id": run_id,
+            "state": "success",
+            "dry_run": settings.dry_run,
+            **numbers,
+            "target_users": target_users,
+            "checks": audit.validation_results(target, run_id),
+            "backup_path": backup_path,
+            "seconds": round((dt.datetime.now(dt.UTC) - started).total_seconds(), 1) if started else None,
+            "settings": {k: v for k, v in settings.public().items() if k != "mapping"},
+            "personal_data": PERSONAL_DATA_NOTE.format(backup=backup_path),
+        }
+        folder = Path(backup_path) if backup_path else backup_root()
+        summary["report_files"] = write_report(folder, summary)
+        audit.finish_run(target, run_id, "success", summary)
+        self.log.info(
+            "run %s: %s source rows, %s migrated, %s rejected %s, %s fixed fields; report at %s",
+            run_id,
+            summary["source_rows"],
+            summary["migrated"],
+            summary["rejected"],
+            summary["rejected_by_reason"],
+            summary["fixed_fields"],
+            summary["report_files"]["markdown"],
+        )
+        return summary

@@ -1,0 +1,239 @@
+"""The transform rules from a legacy user row to a new one. Pure Python, no Airflow, no database.
+
+Every rule is here once, used by the plan (to decide duplicates), the copy, the tests and the
+benchmark alike. A row either becomes exactly one target row (perhaps with recorded field fixes)
+or one reject with a reason; the first failing check names the reason, in the order of CHECKS.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import phonenumbers
+from email_validator import EmailNotValidError, validate_email
+
+# Limits of the target columns (SCHEMA.md): a longer value is rejected, never truncated.
+MAX_LENGTH = {"password": 128, "email": 255, "username": 255, "full_name": 255, "phone_number": 128}
+OLDEST_DATE_OF_BIRTH = dt.date(1900, 1, 1)
+
+# Reject reasons, in the order the checks run.
+MISSING_USERNAME = "missing_username"
+MISSING_FULL_NAME = "missing_full_name"
+INVALID_EMAIL = "invalid_email"
+INVALID_DATE_OF_BIRTH = "invalid_date_of_birth"
+MISSING_VALUE = "missing_value"
+VALUE_TOO_LONG = "value_too_long"
+INVALID_PHONE = "invalid_phone"
+DUPLICATE_EMAIL = "duplicate_email"
+DUPLICATE_USERNAME = "duplicate_username"
+REJECT_REASONS = (
+    MISSING_USERNAME,
+    MISSING_FULL_NAME,
+    INVALID_EMAIL,
+    INVALID_DATE_OF_BIRTH,
+    MISSING_VALUE,
+    VALUE_TOO_LONG,
+    INVALID_PHONE,
+    DUPLICATE_EMAIL,
+    DUPLICATE_USERNAME,
+)
+
+# Field-fix reasons: a value that moves, but not exactly as it was, is recorded with its original.
+PHONE_UNPARSEABLE = "phone_unparseable"
+PHONE_INVALID = "phone_invalid"
+EMAIL_NORMALIZED = "email_normalized"
+NAME_TRIMMED = "full_name_trimmed"
+
+
+class LegacyRow(NamedTuple):
+    """A legacy user row under canonical field names (see config.FIELDS)."""
+
+    id: int
+    password: str | None
+    last_login: dt.datetime | None
+    is_superuser: bool | None
+    email: str | None
+    username: str | None
+    full_name: str | None
+    date_of_birth: dt.date | None
+    phone_number: str | None
+    is_active: bool | None
+    is_staff: bool | None
+
+
+class NewUser(NamedTuple):
+    """A target row, without the timestamps the loader adds."""
+
+    id: int
+    password: str
+    last_login: dt.datetime | None
+    is_superuser: bool
+    email: str
+    username: str
+    full_name: str
+    date_of_birth: dt.date
+    phone_number: str
+    is_active: bool
+    is_staff: bool
+
+
+@dataclass(frozen=True)
+class Reject:
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class FieldFix:
+    field: str
+    original_value: str | None
+    new_value: str | None
+    reason: str
+
+
+class InvalidValue(ValueError):
+    """A value that cannot move; ``str()`` is a short detail without the value itself."""
+
+
+def _blank(value: str | None) -> bool:
+    return value is None or not value.strip()
+
+
+def clean_email(raw: str | None) -> str:
+    """Trimmed, validated address with the domain lower-cased and the local part kept as given.
+
+    Deliverability is not checked (no DNS from a migration worker). Raises InvalidValue.
+    """
+    if raw is None or not raw.strip():
+        raise InvalidValue("email is empty")
+    email = raw.strip()
+    try:
+        validate_email(email, check_deliverability=False)
+    except EmailNotValidError as exc:
+        # The library's message can quote the address; keep only its class of problem.
+        raise InvalidValue(f"email is not a valid address ({_email_problem(str(exc))})") from None
+    local, _, domain = email.rpartition("@")
+    return f"{local}@{domain.lower()}"
+
+
+def _email_problem(message: str) -> str:
+    lowered = message.lower()
+    for needle, label in (
+        ("@-sign", "no single @"),
+        ("too long", "too long"),
+        ("period", "misplaced dot"),
+        ("domain name", "bad domain"),
+        ("not valid", "invalid characters"),
+        ("character", "invalid characters"),
+        ("special-use", "reserved domain"),
+    ):
+        if needle in lowered:
+            return label
+    return "syntax"
+
+
+def email_key(cleaned_email: str) -> str:
+    """What two emails must share to be one mailbox: compared case-insensitively after cleaning."""
+    return cleaned_email.lower()
+
+
+def to_e164(raw: str | None, region: str) -> tuple[str, str | None]:
+    """(E.164 number or "", None) for a valid or blank phone; ("", fix reason) for one that is not.
+
+    Numbers without a country prefix are read as numbers of ``region``.
+    """
+    if raw is None or not raw.strip():
+        return "", None
+    try:
+        number = phonenumbers.parse(raw, region)
+    except phonenumbers.NumberParseException:
+        return "", PHONE_UNPARSEABLE
+    if not phonenumbers.is_valid_number(number):
+        return "", PHONE_INVALID
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), None
+
+
+class Transformer:
+    """Applies the rules to rows; one instance per task, holding the run's settings."""
+
+    def __init__(self, phone_region: str = "NP", invalid_phone: str = "fix", today: dt.date | None = None):
+        self.phone_region = phone_region
+        self.reject_invalid_phone = invalid_phone == "reject"
+        self.today = today or dt.datetime.now(dt.UTC).date()
+
+    def transform(self, row: LegacyRow) -> tuple[NewUser | None, Reject | None, list[FieldFix]]:
+        """One legacy row to (target row, None, fixes) or (None, reject, [])."""
+        if _blank(row.username):
+            return None, Reject(MISSING_USERNAME, "username is empty"), []
+        if _blank(row.full_name):
+            return None, Reject(MISSING_FULL_NAME, "full_name is empty"), []
+        try:
+            email = clean_email(row.email)
+        except InvalidValue as exc:
+            return None, Reject(INVALID_EMAIL, str(exc)), []
+        dob = row.date_of_birth
+        if dob is None:
+            return None, Reject(INVALID_DATE_OF_BIRTH, "date_of_birth is missing"), []
+        if dob > self.today:
+            return None, Reject(INVALID_DATE_OF_BIRTH, "date_of_birth is in the future"), []
+        if dob < OLDEST_DATE_OF_BIRTH:
+            return None, Reject(INVALID_DATE_OF_BIRTH, "date_of_birth is before 1900-01-01"), []
+        for name in ("password", "is_superuser", "is_active", "is_staff"):
+            if getattr(row, name) is None:
+                return None, Reject(MISSING_VALUE, f"{name} is NULL"), []
+        full_name = row.full_name.strip()
+        for name, value in (
+            ("password", row.password),
+            ("email", email),
+            ("username", row.username),
+            ("full_name", full_name),
+        ):
+            if len(value) > MAX_LENGTH[name]:
+                return (
+                    None,
+                    Reject(
+                        VALUE_TOO_LONG, f"{name} has {len(value)} characters, the limit is {MAX_LENGTH[name]}"
+                    ),
+                    [],
+                )
+        phone, problem = to_e164(row.phone_number, self.phone_region)
+        fixes: list[FieldFix] = []
+        if problem:
+            if self.reject_invalid_phone:
+                return (
+                    None,
+                    Reject(INVALID_PHONE, f"phone_number is not a valid {self.phone_region} number"),
+                    [],
+                )
+            fixes.append(FieldFix("phone_number", row.phone_number, "", problem))
+        if email != row.email:
+            fixes.append(FieldFix("email", row.email, email, EMAIL_NORMALIZED))
+        if full_name != row.full_name:
+            fixes.append(FieldFix("full_name", row.full_name, full_name, NAME_TRIMMED))
+        user = NewUser(
+            id=row.id,
+            password=row.password,
+            last_login=row.last_login,
+            is_superuser=row.is_superuser,
+            email=email,
+            username=row.username,
+            full_name=full_name,
+            date_of_birth=dob,
+            phone_number=phone,
+            is_active=row.is_active,
+            is_staff=row.is_staff,
+        )
+        return user, None, fixes
+
+
+def jsonable_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A legacy row as JSON-ready values, for rejected_rows.source_row."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if isinstance(value, (dt.date, dt.datetime)):
+            out[key] = value.isoformat()
+        else:
+            out[key] = value
+    return out
