@@ -10,6 +10,7 @@ import datetime as dt
 from pathlib import Path
 
 from airflow.sdk import DAG, Param
+
 from user_migration.operators import (
     POOL,
     GreatExpectationsValidationOperator,
@@ -85,7 +86,9 @@ with DAG(
                 '{"users_table": "users", "columns": {"date_of_birth": "dob", "phone_number": "ph_number"}}.'
             ),
         ),
-        "legacy_conn_id": Param("legacy_db", type="string", description="Airflow connection of the legacy database."),
+        "legacy_conn_id": Param(
+            "legacy_db", type="string", description="Airflow connection of the legacy database."
+        ),
         "target_conn_id": Param(
             "target_db",
             type="string",

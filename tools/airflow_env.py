@@ -26,7 +26,9 @@ def airflow_env(
 ) -> dict[str, str]:
     """The environment a user sets: folders, PYTHONPATH, the two connections, the backup folder."""
     env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_CONN_", "AIRFLOW__", "USER_MIGRATION_"))
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AIRFLOW_CONN_", "AIRFLOW__", "USER_MIGRATION_"))
     }
     env.update(
         {
@@ -47,13 +49,17 @@ def airflow_env(
     return env
 
 
-def airflow(env: dict[str, str], *args: str, log: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def airflow(
+    env: dict[str, str], *args: str, log: Path | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run ``airflow ARGS``; its output goes to ``log`` (or is captured)."""
     cmd = [str(VENV_BIN / "airflow"), *args]
     if log is None:
         return subprocess.run(cmd, env=env, capture_output=True, text=True, check=check, cwd=REPO)
     with open(log, "a", encoding="utf-8") as out:
-        return subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True, check=check, cwd=REPO)
+        return subprocess.run(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True, check=check, cwd=REPO
+        )
 
 
 def prepare_metadata(env: dict[str, str], log: Path | None = None) -> None:

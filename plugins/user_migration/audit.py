@@ -61,7 +61,13 @@ def store_validation(conn: psycopg.Connection, run_id: str, outcomes: list[dict[
             conn.execute(
                 "INSERT INTO migration_audit.validation_results (run_id, expectation, success, observed, details) "
                 "VALUES (%s, %s, %s, %s, %s)",
-                (run_id, item["name"], item["success"], Jsonb(item.get("observed")), Jsonb(item.get("details"))),
+                (
+                    run_id,
+                    item["name"],
+                    item["success"],
+                    Jsonb(item.get("observed")),
+                    Jsonb(item.get("details")),
+                ),
             )
 
 

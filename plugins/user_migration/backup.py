@@ -72,17 +72,18 @@ def _open_private(path: Path):
     return os.fdopen(fd, "wb")
 
 
-def _dump_table(cur: psycopg.Cursor, query: sql.Composable, path: Path) -> tuple[int, str, int]:
+def _dump_table(cur: psycopg.Cursor, table: sql.Identifier, path: Path) -> tuple[int, str, int]:
     """Stream one COPY into ``path``; returns (rows, sha256, bytes)."""
     tmp = path.with_name(path.name + ".partial")
     with _open_private(tmp) as raw:
         hashing = _HashingWriter(raw)
-        with gzip.GzipFile(filename="", mode="wb", fileobj=hashing, compresslevel=GZIP_LEVEL, mtime=0) as gz:
-            with cur.copy(
-                sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT csv, HEADER true)").format(query)
-            ) as copy:
-                for block in copy:
-                    gz.write(block)
+        copy_out = sql.SQL("COPY {} TO STDOUT WITH (FORMAT csv, HEADER true)").format(table)
+        with (
+            gzip.GzipFile(filename="", mode="wb", fileobj=hashing, compresslevel=GZIP_LEVEL, mtime=0) as gz,
+            cur.copy(copy_out) as copy,
+        ):
+            for block in copy:
+                gz.write(block)
         raw.flush()
         os.fsync(raw.fileno())
     os.replace(tmp, path)
@@ -104,38 +105,23 @@ def run_backup(
         shutil.rmtree(folder)
     _private_dir(folder)
     started = dt.datetime.now(dt.UTC)
-    tables: list[tuple[str, sql.Composable]] = [
-        (
-            mapping.users_table,
-            sql.SQL("SELECT * FROM {} ORDER BY 1").format(
-                sql.Identifier(mapping.schema, mapping.users_table)
-            ),
-        )
-    ]
-    for link in (mapping.groups, mapping.permissions):
-        if link is not None:
-            tables.append(
-                (
-                    link.table,
-                    sql.SQL("SELECT * FROM {} ORDER BY 1").format(sql.Identifier(mapping.schema, link.table)),
-                )
-            )
+    # Whole tables in physical order (COPY table TO: no sort, the fastest read PostgreSQL has).
+    tables = [mapping.users_table] + [link.table for link in (mapping.groups, mapping.permissions) if link]
     entries: list[dict[str, Any]] = []
     try:
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
         with conn.transaction(), conn.cursor() as cur:
             version = conn.execute("SHOW server_version").fetchone()[0]
-            for table, query in tables:
+            for table in tables:
+                ident = sql.Identifier(mapping.schema, table)
                 path = folder / f"{table}.csv.gz"
                 table_started = dt.datetime.now(dt.UTC)
                 columns = [
                     d.name
-                    for d in conn.execute(
-                        sql.SQL("SELECT * FROM ({}) AS t LIMIT 0").format(query)
-                    ).description
+                    for d in conn.execute(sql.SQL("SELECT * FROM {} LIMIT 0").format(ident)).description
                 ]
-                rows, sha, size = _dump_table(cur, query, path)
+                rows, sha, size = _dump_table(cur, ident, path)
                 entries.append(
                     {
                         "table": f"{mapping.schema}.{table}",
@@ -149,29 +135,32 @@ def run_backup(
                         "finished_at": dt.datetime.now(dt.UTC).isoformat(),
                     }
                 )
+        manifest = {
+            "run_id": run_id,
+            "connection": conn_id,
+            "server_version": version,
+            "started_at": started.isoformat(),
+            "finished_at": dt.datetime.now(dt.UTC).isoformat(),
+            "tables": entries,
+        }
+        tmp = folder / (MANIFEST + ".partial")
+        with _open_private(tmp) as fh:
+            fh.write(json.dumps(manifest, indent=2).encode())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, folder / MANIFEST)
     except OSError as exc:
         shutil.rmtree(folder, ignore_errors=True)
         raise MigrationError(
             f"cannot write the backup to {folder}: {exc.strerror or exc}. Free space or fix permissions of "
             f"that folder, or point USER_MIGRATION_BACKUP_DIR elsewhere; nothing was migrated"
         ) from None
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)  # never leave a half-written backup behind
+        raise
     finally:
         conn.read_only = False
         conn.isolation_level = None
-    manifest = {
-        "run_id": run_id,
-        "connection": conn_id,
-        "server_version": version,
-        "started_at": started.isoformat(),
-        "finished_at": dt.datetime.now(dt.UTC).isoformat(),
-        "tables": entries,
-    }
-    tmp = folder / (MANIFEST + ".partial")
-    with _open_private(tmp) as fh:
-        fh.write(json.dumps(manifest, indent=2).encode())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, folder / MANIFEST)
     return BackupResult(folder=str(folder), tables=entries)
 
 

@@ -13,17 +13,12 @@ import psycopg
 from psycopg import sql
 
 from user_migration.config import INCLUDE_DIR, LegacyMapping
+from user_migration.errors import ConnectionProblem, MigrationError
+
+__all__ = ["ConnectionProblem", "MigrationError"]
 
 SQL_DIR = INCLUDE_DIR / "sql"
 APPLICATION_NAME = "user_migration"
-
-
-class ConnectionProblem(RuntimeError):
-    """A connection cannot be made; the message names the connection and the cause."""
-
-
-class MigrationError(RuntimeError):
-    """A stage failed for a reason the user must act on; the message says which and how."""
 
 
 def connect(conninfo: str, *, name: str, autocommit: bool = False) -> psycopg.Connection:

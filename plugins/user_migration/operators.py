@@ -12,22 +12,20 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psycopg
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
-from user_migration import audit
 from user_migration.config import ConfigError, Settings, backup_root
-from user_migration.db import ConnectionProblem, MigrationError, check_legacy_tables, ensure_audit_schema, safe_error
-from user_migration.hooks import MigrationDbHook
+from user_migration.errors import ConnectionProblem, MigrationError, ValidationFailed
 
+if TYPE_CHECKING:
+    import psycopg
+
+# Database drivers, GX and pandas are imported inside execute(): this module is imported every
+# time the DAG file is parsed.
 POOL = "user_migration_db"
-
-
-class ValidationFailed(MigrationError):
-    """A check of the migrated data failed; the message says which and by how much."""
 
 
 class _MigrationOperator(BaseOperator):
@@ -36,6 +34,12 @@ class _MigrationOperator(BaseOperator):
     ui_color = "#e8f0fe"
 
     def execute(self, context: Any) -> Any:
+        import psycopg
+
+        from user_migration import audit
+        from user_migration.db import ensure_audit_schema, safe_error
+        from user_migration.hooks import MigrationDbHook
+
         try:
             settings = Settings.from_params(dict(context["params"]))
         except ConfigError as exc:
@@ -74,7 +78,13 @@ class _MigrationOperator(BaseOperator):
         finally:
             target.close()
 
-    def _record_failure(self, target: psycopg.Connection, run_id: str, map_index: int, try_number, message) -> None:
+    def _record_failure(
+        self, target: psycopg.Connection, run_id: str, map_index: int, try_number, message
+    ) -> None:
+        import psycopg
+
+        from user_migration import audit
+
         try:
             if target.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                 target.rollback()
@@ -101,7 +111,9 @@ class LegacyBackupOperator(_MigrationOperator):
     """Check the mapping against the legacy tables, then back them up (gzip'd CSV + manifest)."""
 
     def run(self, context, settings, target):
+        from user_migration import audit
         from user_migration.backup import run_backup
+        from user_migration.db import check_legacy_tables
 
         run_id = context["run_id"]
         dag_run = context["dag_run"]
@@ -207,18 +219,26 @@ class GreatExpectationsValidationOperator(_MigrationOperator):
     """Reconcile the counts and run the Great Expectations suite on the target; store the results."""
 
     def run(self, context, settings, target):
+        from user_migration import audit
+
         run_id = context["run_id"]
         numbers = audit.reconcile(target, run_id)
         outcomes: list[dict[str, Any]] = []
 
         def check(name: str, success: bool, observed: Any, message: str) -> None:
-            outcomes.append({"name": name, "success": success, "observed": observed, "details": {"message": message}})
+            outcomes.append(
+                {"name": name, "success": success, "observed": observed, "details": {"message": message}}
+            )
 
         accounted = numbers["migrated"] + numbers["rejected"]
         check(
             "every_source_row_accounted",
             accounted == numbers["source_rows"] and numbers["rows_read"] == numbers["source_rows"],
-            {"source_rows": numbers["source_rows"], "migrated": numbers["migrated"], "rejected": numbers["rejected"]},
+            {
+                "source_rows": numbers["source_rows"],
+                "migrated": numbers["migrated"],
+                "rejected": numbers["rejected"],
+            },
             f"source rows {numbers['source_rows']} vs migrated + rejected {accounted} "
             f"(off by {accounted - numbers['source_rows']})",
         )
@@ -240,7 +260,9 @@ class GreatExpectationsValidationOperator(_MigrationOperator):
             from user_migration.validation import validate_target
 
             started = time.perf_counter()
-            for outcome in validate_target(self._target_hook.sqlalchemy_url(), expected_users=numbers["migrated"]):
+            for outcome in validate_target(
+                self._target_hook.sqlalchemy_url(), expected_users=numbers["migrated"]
+            ):
                 check(outcome.name, outcome.success, outcome.observed, outcome.failure_message())
             self.log.info("Great Expectations ran in %.1f s", time.perf_counter() - started)
         audit.store_validation(target, run_id, outcomes)
@@ -259,6 +281,7 @@ class MigrationReportOperator(_MigrationOperator):
     """Write report.json and report.md beside the backup; return the summary (no personal data)."""
 
     def run(self, context, settings, target):
+        from user_migration import audit
         from user_migration.report import PERSONAL_DATA_NOTE, write_report
 
         run_id = context["run_id"]

@@ -41,6 +41,7 @@ class PartitionResult:
     updated: int = 0
     unchanged: int = 0
     removed: int = 0
+    displaced: int = 0
     rejected: int = 0
     fixed: int = 0
     links_in: int = 0
@@ -98,7 +99,7 @@ def copy_partition(
     _mark(target, run_id, partition, "running", None)
     try:
         result = _copy(source, target, settings, run_id, partition)
-    except Exception as exc:  # noqa: BLE001 - every failure is recorded, then re-raised without row data
+    except Exception as exc:
         for conn in (source, target):
             if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                 conn.rollback()
@@ -152,9 +153,13 @@ def _copy(
         if dry_run:
             result.path = "dry_run"
             load_table = None
-        elif target.execute(
-            "SELECT EXISTS (SELECT 1 FROM account_newuser WHERE id BETWEEN %s AND %s)", (lo, hi)
-        ).fetchone()[0]:
+        elif (
+            not partition.get("initial_load")
+            or target.execute(
+                "SELECT EXISTS (SELECT 1 FROM account_newuser WHERE id BETWEEN %s AND %s)", (lo, hi)
+            ).fetchone()[0]
+        ):
+            # The target held users when the run was planned (or this range was loaded already): merge.
             result.path = "merge"
             target.execute(
                 "CREATE TEMP TABLE stage_users ON COMMIT DROP AS "
@@ -216,7 +221,7 @@ def _copy(
                                     row.id,
                                     reject.reason,
                                     reject.detail,
-                                    Jsonb(jsonable_row(dict(zip(legacy_names, values)))),
+                                    Jsonb(jsonable_row(dict(zip(legacy_names, values, strict=True)))),
                                     now,
                                 )
                             )
@@ -268,13 +273,14 @@ def _copy(
                 result.batches = batch_no
 
             if result.path == "merge":
+                params = {"lo": lo, "hi": hi, "now": now}
+                # Removals first: a key a vanished or displaced row holds may be taken by a merged row.
+                result.removed = target.execute(read_sql("copy/remove_vanished_users.sql"), params).rowcount
+                result.displaced = target.execute(read_sql("copy/displace_conflicting_users.sql")).rowcount
                 result.inserted, result.updated = target.execute(
-                    read_sql("copy/merge_users.sql"), {"now": now}
+                    read_sql("copy/merge_users.sql"), params
                 ).fetchone()
                 result.unchanged = result.migrated - result.inserted - result.updated
-                result.removed = target.execute(
-                    read_sql("copy/remove_vanished_users.sql"), {"lo": lo, "hi": hi}
-                ).rowcount
             elif result.path == "load":
                 result.inserted = result.migrated
 
@@ -289,7 +295,7 @@ def _copy(
             """
             UPDATE migration_audit.partitions SET
                 state = 'done', rows_in = %(rows_in)s, inserted = %(inserted)s, updated = %(updated)s,
-                unchanged = %(unchanged)s, removed = %(removed)s, rejected = %(rejected)s, fixed = %(fixed)s,
+                unchanged = %(unchanged)s, removed = %(removed)s, displaced = %(displaced)s, rejected = %(rejected)s, fixed = %(fixed)s,
                 links_in = %(links_in)s, finished_at = clock_timestamp(), seconds = %(seconds)s, error = NULL
             WHERE run_id = %(run_id)s AND partition_no = %(partition_no)s
             """,

@@ -89,7 +89,7 @@ def find_duplicates(
     usernames: dict[str, int] = {}
     losers: list[Duplicate] = []
     for source_id in sorted(candidates):
-        user, reject, _ = transformer.transform(candidates[source_id])
+        user, _reject, _ = transformer.transform(candidates[source_id])
         if user is None:
             continue  # rejected for its own reason; it claims nothing
         key = email_key(user.email)
@@ -124,8 +124,21 @@ def make_plan(
         source.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         count, ranges = partition_ranges(source, mapping, settings.partitions)
         duplicates = find_duplicates(source, mapping, transformer) if count else []
+    # An empty target is loaded with plain COPY; once it holds users, partitions merge instead, and
+    # the ranges also cover every id already in the target, so users deleted from the legacy table leave.
+    initial_load = False
+    if not settings.dry_run:
+        held, target_min, target_max = target.execute(
+            "SELECT count(*), min(id), max(id) FROM account_newuser"
+        ).fetchone()
+        initial_load = held == 0
+        if held and not count:
+            ranges = [(target_min, target_max)]
+        elif held:
+            ranges[0] = (min(ranges[0][0], target_min), ranges[0][1])
+            ranges[-1] = (ranges[-1][0], max(ranges[-1][1], target_max))
     partitions = [
-        {"partition_no": no, "lo": lo, "hi": hi, "as_of": as_of.isoformat()}
+        {"partition_no": no, "lo": lo, "hi": hi, "as_of": as_of.isoformat(), "initial_load": initial_load}
         for no, (lo, hi) in enumerate(ranges)
     ]
     with target.transaction():
@@ -143,10 +156,12 @@ def make_plan(
                 len(duplicates),
             ),
         )
-        with target.cursor() as cur:
-            with cur.copy(
+        with (
+            target.cursor() as cur,
+            cur.copy(
                 "COPY migration_audit.plan_duplicates (run_id, source_id, reason, kept_id) FROM STDIN"
-            ) as copy:
-                for dup in duplicates:
-                    copy.write_row((run_id, dup.source_id, dup.reason, dup.kept_id))
+            ) as copy,
+        ):
+            for dup in duplicates:
+                copy.write_row((run_id, dup.source_id, dup.reason, dup.kept_id))
     return {"source_rows": count, "duplicates": len(duplicates), "partitions": partitions}

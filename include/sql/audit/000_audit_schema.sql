@@ -68,6 +68,7 @@ CREATE TABLE IF NOT EXISTS migration_audit.partitions (
     updated       bigint NULL,
     unchanged     bigint NULL,
     removed       bigint NULL,
+    displaced     bigint NULL,
     rejected      bigint NULL,
     fixed         bigint NULL,
     links_in      bigint NULL,
