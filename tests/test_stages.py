@@ -244,7 +244,7 @@ def test_backup_manifest_checksums_and_modes(legacy, backup_dir):
 
     tampered = folder / "account_user_groups.csv.gz"
     tampered.write_bytes(tampered.read_bytes() + b"x")
-    with pytest.raises(MigrationError, match="account_user_groups.csv.gz does not match its manifest"):
+    with pytest.raises(MigrationError, match=r"account_user_groups\.csv\.gz does not match its manifest"):
         verify_backup(folder)
 
 
@@ -259,7 +259,7 @@ def test_schema_is_applied_once_and_edits_are_refused(legacy, tmp_path):
         (ddl_dir / "002_two.sql").write_text("CREATE TABLE two_table (id int);")
         assert apply_schema(conn, "r3", ddl_dir) == ["002"]
         (ddl_dir / "001_one.sql").write_text("CREATE TABLE one_table (id bigint);")
-        with pytest.raises(MigrationError, match="001_one.sql was edited after it was applied"):
+        with pytest.raises(MigrationError, match=r"001_one\.sql was edited after it was applied"):
             apply_schema(conn, "r4", ddl_dir)
         # A failing change rolls back whole: nothing half-applied, nothing recorded.
         (ddl_dir / "001_one.sql").write_text("CREATE TABLE one_table (id int);")

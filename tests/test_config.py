@@ -1,0 +1,96 @@
+"""Settings and mapping: bad input is refused with a sentence that names the setting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from user_migration.config import MAPPING_FILE_ENV, ConfigError, Settings, load_mapping
+
+
+def test_defaults_match_the_django_legacy_schema():
+    mapping = load_mapping()
+    assert (mapping.schema, mapping.users_table) == ("public", "account_user")
+    assert mapping.column("date_of_birth") == "date_of_birth"
+    assert mapping.groups.table == "account_user_groups"
+    assert mapping.permissions.other_column == "permission_id"
+
+
+def test_overrides_merge_over_the_shipped_mapping():
+    mapping = load_mapping(
+        {"users_table": "users", "columns": {"date_of_birth": "dob", "phone_number": "ph_number"}}
+    )
+    assert mapping.users_table == "users"
+    assert (mapping.column("date_of_birth"), mapping.column("phone_number")) == ("dob", "ph_number")
+    assert mapping.column("email") == "email"
+
+
+def test_mapping_file_from_environment(tmp_path, monkeypatch):
+    path = tmp_path / "mapping.json"
+    path.write_text(json.dumps({"users_table": "people", "groups": None}))
+    monkeypatch.setenv(MAPPING_FILE_ENV, str(path))
+    mapping = load_mapping()
+    assert mapping.users_table == "people" and mapping.groups is None
+    monkeypatch.setenv(MAPPING_FILE_ENV, str(tmp_path / "missing.json"))
+    with pytest.raises(ConfigError, match="is not a file"):
+        load_mapping()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"tables": "x"}, "unknown keys"),
+        ({"columns": {"birthday": "dob"}}, "unknown fields"),
+        ({"columns": {"email": None}}, "legacy_mapping.columns.email must be a non-empty name"),
+        ({"users_table": ""}, "legacy_mapping.users_table must be a non-empty name"),
+        ({"users_table": "x" * 64}, "63-byte identifier limit"),
+        ({"groups": "account_user_groups"}, "legacy_mapping.groups must be an object"),
+        ({"groups": {"table": "g", "user_column": "u", "grp": "x"}}, "unknown keys"),
+    ],
+)
+def test_bad_mappings_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_mapping(override)
+
+
+def test_names_carrying_sql_are_kept_as_names_to_be_quoted():
+    # Never executed as SQL: it is only ever composed with sql.Identifier (see test_stages).
+    assert load_mapping({"users_table": "users; DROP TABLE x"}).users_table == "users; DROP TABLE x"
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"batch_size": 0}, "batch_size must be from 1 to 1000000, got 0"),
+        ({"batch_size": -5}, "batch_size must be from 1"),
+        ({"batch_size": 10**9}, "batch_size must be from 1 to 1000000"),
+        ({"batch_size": "100"}, "batch_size must be a whole number"),
+        ({"batch_size": True}, "batch_size must be a whole number"),
+        ({"partitions": 0}, "partitions must be from 1 to 256"),
+        ({"partitions": 1000}, "partitions must be from 1 to 256"),
+        ({"phone_region": "XX"}, "phone_region 'XX' is not a region"),
+        ({"phone_region": ""}, "phone_region '' is not a region"),
+        ({"invalid_phone": "drop"}, "invalid_phone must be 'fix' or 'reject'"),
+        ({"max_reject_ratio": 2}, "max_reject_ratio must be a number from 0 to 1"),
+        ({"dry_run": "yes"}, "dry_run must be true or false"),
+    ],
+)
+def test_bad_params_are_refused(params, message):
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_params(params)
+
+
+def test_params_become_settings():
+    settings = Settings.from_params(
+        {"batch_size": 500, "partitions": 4, "phone_region": "in", "dry_run": True, "legacy_mapping": {}}
+    )
+    assert (settings.batch_size, settings.partitions, settings.phone_region, settings.dry_run) == (
+        500,
+        4,
+        "IN",
+        True,
+    )
+    public = settings.public()
+    assert public["mapping"]["users_table"] == "account_user"
+    assert json.dumps(public)  # recorded in the audit trail as JSON

@@ -1,0 +1,177 @@
+"""The user_migration DAG under real Airflow (`airflow dags test`), configured only by environment.
+
+These runs go through the scheduler-side machinery (Params, mapped tasks, XCom, retries config)
+exactly as a user's do; the outcome is asserted row by row against the fixture.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import fixture_users as fx
+import psycopg
+import pytest
+from pipeline import rejects, snapshot
+
+from airflow_env import airflow_env, dags_test, prepare_metadata
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="session")
+def airflow_home(scratch_dir: Path) -> Path:
+    home = scratch_dir / "airflow"
+    env = airflow_env(home, "postgresql://unused@127.0.0.1:1/unused", scratch_dir / "unused")
+    prepare_metadata(env)
+    return home
+
+
+def run_dag(
+    airflow_home: Path, legacy: str, backups: Path, tmp_path: Path, target: str | None = None, conf=None
+):
+    env = airflow_env(airflow_home, legacy, backups, target_dsn=target)
+    conf = {"max_reject_ratio": 0.5, **(conf or {})}  # the fixture is 41% dirty on purpose
+    log = tmp_path / f"airflow-{len(list(tmp_path.glob('airflow-*.log')))}.log"
+    done = dags_test(env, conf=conf, log=log)
+    return done.returncode, log.read_text()
+
+
+def latest_run_id(dsn: str) -> str:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(
+            "SELECT run_id FROM migration_audit.runs ORDER BY started_at DESC LIMIT 1"
+        ).fetchone()[0]
+
+
+@pytest.fixture
+def legacy(make_db) -> str:
+    dsn = make_db("e2e")
+    fx.load(dsn)
+    return dsn
+
+
+def personal_values() -> list[str]:
+    values = []
+    for row in fx.ROWS:
+        values += [row[1], row[4].strip(), row[8]]
+    return [v for v in values if v and len(v) > 4]
+
+
+def test_dag_migrates_the_fixture_exactly_and_leaves_an_audit_trail(
+    airflow_home, legacy, backup_dir, tmp_path
+):
+    code, output = run_dag(airflow_home, legacy, backup_dir, tmp_path)
+    assert code == 0, output[-4000:]
+    run_id = latest_run_id(legacy)
+
+    snap = snapshot(legacy)
+    assert [u[0] for u in snap["users"]] == sorted(fx.MIGRATED)
+    assert {u[0]: (u[4], u[6], u[8]) for u in snap["users"]} == fx.MIGRATED
+    assert snap["groups"] == fx.MIGRATED_GROUP_LINKS
+    assert snap["permissions"] == fx.MIGRATED_PERMISSION_LINKS
+    assert [p[0] for p in snap["profiles"]] == sorted(fx.MIGRATED)
+    assert {k: v[0] for k, v in rejects(legacy, run_id).items()} == {k: v[0] for k, v in fx.REJECTED.items()}
+
+    with psycopg.connect(legacy) as conn:
+        state, summary, backup_path = conn.execute(
+            "SELECT state, summary, backup_path FROM migration_audit.runs WHERE run_id = %s", (run_id,)
+        ).fetchone()
+        attempts = conn.execute(
+            "SELECT task_id, state FROM migration_audit.task_attempts WHERE run_id = %s AND state = 'success'",
+            (run_id,),
+        ).fetchall()
+        checks = conn.execute(
+            "SELECT count(*), bool_and(success) FROM migration_audit.validation_results WHERE run_id = %s",
+            (run_id,),
+        ).fetchone()
+    assert state == "success"
+    assert {t for t, _ in attempts} == {"backup", "ddl", "plan", "copy", "profiles", "validate", "report"}
+    assert checks[0] >= 20 and checks[1] is True
+    assert summary["source_rows"] == len(fx.ROWS)
+    assert (summary["migrated"], summary["rejected"]) == (len(fx.MIGRATED), len(fx.REJECTED))
+    assert summary["rejected_by_reason"]["duplicate_email"] == 4
+
+    folder = Path(backup_path)
+    assert folder.parent == backup_dir
+    report = json.loads((folder / "report.json").read_text())
+    assert report["migrated"] == len(fx.MIGRATED)
+    markdown = (folder / "report.md").read_text()
+    assert "rejected_rows" in markdown and "Personal data" in markdown
+    # No password hash, email or phone of any user in the report or anything Airflow logged.
+    for text in (json.dumps(report), markdown, output):
+        for value in personal_values():
+            assert value not in text
+
+
+def test_second_run_changes_nothing_and_other_batching_gives_the_same_result(
+    airflow_home, legacy, make_db, backup_dir, tmp_path
+):
+    assert run_dag(airflow_home, legacy, backup_dir, tmp_path)[0] == 0
+    first = snapshot(legacy)
+    code, output = run_dag(airflow_home, legacy, backup_dir, tmp_path)
+    assert code == 0, output[-4000:]
+    assert snapshot(legacy) == first
+    with psycopg.connect(legacy) as conn:
+        summary = conn.execute(
+            "SELECT summary FROM migration_audit.runs WHERE run_id = %s", (latest_run_id(legacy),)
+        ).fetchone()[0]
+    assert (summary["inserted"], summary["updated"], summary["removed"]) == (0, 0, 0)
+    assert summary["unchanged"] == len(fx.MIGRATED)
+
+    other = make_db("e2e_other")
+    fx.load(other)
+    code, output = run_dag(airflow_home, other, backup_dir, tmp_path, conf={"partitions": 5, "batch_size": 2})
+    assert code == 0, output[-4000:]
+    assert snapshot(other) == first
+    assert rejects(other, latest_run_id(other)) == rejects(legacy, latest_run_id(legacy))
+
+
+def test_separate_target_database(airflow_home, legacy, make_db, backup_dir, tmp_path):
+    target = make_db("e2e_target")
+    code, output = run_dag(airflow_home, legacy, backup_dir, tmp_path, target=target)
+    assert code == 0, output[-4000:]
+    assert [u[0] for u in snapshot(target)["users"]] == sorted(fx.MIGRATED)
+    with psycopg.connect(legacy) as conn:
+        assert conn.execute("SELECT to_regclass('account_newuser')").fetchone()[0] is None
+
+
+def test_dry_run_writes_nothing_to_target_tables(airflow_home, legacy, backup_dir, tmp_path):
+    code, output = run_dag(airflow_home, legacy, backup_dir, tmp_path, conf={"dry_run": True})
+    assert code == 0, output[-4000:]
+    with psycopg.connect(legacy) as conn:
+        assert conn.execute("SELECT to_regclass('account_newuser')").fetchone()[0] is None
+        summary = conn.execute("SELECT summary FROM migration_audit.runs").fetchone()[0]
+    assert summary["dry_run"] is True
+    assert (summary["migrated"], summary["rejected"]) == (len(fx.MIGRATED), len(fx.REJECTED))
+
+
+def test_unreachable_database_fails_with_one_clear_sentence(airflow_home, backup_dir, tmp_path):
+    code, output = run_dag(
+        airflow_home, "postgresql://someone:hunter2@127.0.0.1:1/nothing", backup_dir, tmp_path
+    )
+    assert code != 0
+    assert "cannot connect to the database of connection 'target_db'" not in output  # falls back to legacy_db
+    assert "cannot connect to the database of connection 'legacy_db'" in output
+    assert "hunter2" not in output
+
+
+def test_bad_param_is_refused_before_anything_runs(airflow_home, legacy, backup_dir, tmp_path):
+    code, output = run_dag(airflow_home, legacy, backup_dir, tmp_path, conf={"batch_size": 0})
+    assert code != 0
+    assert "batch_size" in output
+    with psycopg.connect(legacy) as conn:
+        assert conn.execute("SELECT to_regclass('account_newuser')").fetchone()[0] is None
+
+
+def test_too_many_rejects_fail_validation_and_say_by_how_much(airflow_home, legacy, backup_dir, tmp_path):
+    code, output = run_dag(airflow_home, legacy, backup_dir, tmp_path, conf={"max_reject_ratio": 0.1})
+    assert code != 0
+    assert "12 of 29 rows rejected (41.38%), the limit is 10.00% (Param max_reject_ratio)" in output
+    with psycopg.connect(legacy) as conn:
+        failed = conn.execute(
+            "SELECT expectation FROM migration_audit.validation_results WHERE NOT success"
+        ).fetchall()
+        state = conn.execute("SELECT state FROM migration_audit.runs").fetchone()[0]
+    assert failed == [("reject_ratio_within_limit",)]
+    assert state == "running"  # never marked success: the report task did not run
