@@ -13,11 +13,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import embedded_pg
 import psycopg
 import pytest
 from psycopg import sql
-
-import embedded_pg
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -12,9 +12,8 @@ from pathlib import Path
 import fixture_users as fx
 import psycopg
 import pytest
-from pipeline import rejects, snapshot
-
 from airflow_env import airflow_env, dags_test, prepare_metadata
+from pipeline import rejects, snapshot
 
 pytestmark = pytest.mark.e2e
 

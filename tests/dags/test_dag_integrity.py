@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -80,7 +81,7 @@ def test_parsing_imports_no_driver_or_heavy_library(parsed):
 def test_user_migration_wiring_reads_like_the_process(parsed):
     tasks = parsed["dags"]["user_migration"]["tasks"]
     order = ["backup", "ddl", "plan", "copy", "profiles", "validate", "report"]
-    for upstream, downstream in zip(order, order[1:], strict=False):
+    for upstream, downstream in pairwise(order):
         assert tasks[upstream]["downstream"] == [downstream]
     assert tasks["copy"]["mapped"] is True
 
