@@ -7,6 +7,7 @@ database or imports a heavy library, so parsing stays cheap.
 from __future__ import annotations
 
 import datetime as dt
+import os
 from pathlib import Path
 
 from airflow.sdk import DAG, Param
@@ -24,11 +25,19 @@ from user_migration.operators import (
 
 DOC = (Path(__file__).parent / "user_migration_dag.md").read_text()
 
+
+def _schedule() -> str | None:
+    value = os.environ.get("USER_MIGRATION_SCHEDULE", "@hourly").strip()
+    return None if value.lower() in ("", "none", "manual") else value
+
+
 with DAG(
     dag_id="user_migration",
     description="Migrate legacy account_user rows into account_newuser, auditably",
     doc_md=DOC,
-    schedule=None,
+    # Every run is a sync pass; USER_MIGRATION_SCHEDULE (a cron or preset, "none" for manual only)
+    # overrides the hourly default. New DAGs start paused, so nothing runs until a user unpauses it.
+    schedule=_schedule(),
     start_date=dt.datetime(2025, 1, 1, tzinfo=dt.UTC),
     catchup=False,
     max_active_runs=1,

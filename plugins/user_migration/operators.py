@@ -38,6 +38,7 @@ class _MigrationOperator(BaseOperator):
 
         from user_migration import audit
         from user_migration.db import ensure_audit_schema, safe_error
+        from user_migration.faults import fail_once
         from user_migration.hooks import MigrationDbHook
 
         try:
@@ -59,6 +60,7 @@ class _MigrationOperator(BaseOperator):
             ensure_audit_schema(target)
             audit.record_attempt(target, run_id, self.task_id, map_index, ti.try_number, "running")
             try:
+                fail_once(self.task_id, ti.try_number)
                 result = self.run(context, settings, target)
             except AirflowFailException as exc:
                 self._record_failure(target, run_id, map_index, ti.try_number, str(exc))

@@ -21,6 +21,7 @@ from psycopg.types.json import Jsonb
 
 from user_migration.config import FIELDS, LinkTable, Settings
 from user_migration.db import MigrationError, legacy_select_list, read_sql, safe_error, users_table
+from user_migration.faults import kill_after_batch
 from user_migration.transforms import LegacyRow, NewUser, Reject, Transformer, jsonable_row
 
 USER_COLUMNS = NewUser._fields
@@ -265,6 +266,7 @@ def _copy(
                             time.perf_counter() - batch_started,
                         ),
                     )
+                    kill_after_batch(batch_no)
                     batch_no += 1
                     result.rows_in += len(rows)
                     result.migrated += len(good)
