@@ -209,6 +209,13 @@ def test_legacy_changes_flow_on_the_next_run(legacy, backup_dir):
     assert users[12][8] == "+9779841111111"
     assert result["removed"] == 2  # 14 (now a duplicate) and 40 (deleted)
     assert result["migrated"] + result["rejected"] == len(fx.ROWS) - 1
+    with psycopg.connect(legacy) as conn:
+        paths = conn.execute(
+            "SELECT sum(transformed), sum(unchanged) FROM migration_audit.partitions WHERE run_id = 'two'"
+        ).fetchone()
+    # The second pass read only the changed row 12, the rows rejected last time (13 among them) and
+    # the row whose duplicate decision changed (14): not the whole table.
+    assert paths == (1 + len(fx.REJECTED) + 1, len(fx.MIGRATED) - 3)
 
 
 def test_dry_run_writes_nothing_to_target_tables(legacy, backup_dir):

@@ -1,17 +1,26 @@
 """Copy one id partition of legacy users into the target: stream, transform, COPY, account.
 
-A partition is one target transaction: its users, links, rejects, field fixes, batch records and
-counts commit together or not at all, so a killed or retried attempt leaves nothing half-done.
-Re-running a partition changes nothing that is already right: a range with no target rows yet is
-loaded straight into account_newuser with COPY (the fast path of a first load); otherwise rows go
-through a temporary stage table and are merged (insert new, update changed, keep identical, remove
-vanished). Memory stays bounded by ``batch_size``: rows are read with a server-side cursor.
+A partition is one target transaction: its users, links, rejects, field fixes, batch records, sync
+state and counts commit together or not at all, so a killed or retried attempt leaves nothing
+half-done, and re-running a partition changes nothing that is already right.
+
+Three paths:
+- load: the target was empty when the run was planned; rows are COPY'd straight into
+  account_newuser (the fast path of a first load).
+- full merge: the target holds users but this range has no sync state yet; every row is staged and
+  merged (insert new, update changed, leave identical rows alone, remove vanished ones).
+- delta merge (every later sync pass): a hash of each legacy row, computed in SQL and compared with
+  migration_audit.source_state, finds the new, changed and deleted rows; only those, the rows
+  rejected last time and the rows whose duplicate decision changed are read and transformed.
+Memory stays bounded by ``batch_size``: rows are read with server-side cursors.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,16 +28,28 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from user_migration.config import FIELDS, LinkTable, Settings
+from user_migration.config import FIELDS, LegacyMapping, LinkTable, Settings
 from user_migration.db import MigrationError, legacy_select_list, read_sql, safe_error, users_table
 from user_migration.faults import kill_after_batch
-from user_migration.transforms import LegacyRow, NewUser, Reject, Transformer, jsonable_row
+from user_migration.transforms import (
+    DUPLICATE_EMAIL,
+    DUPLICATE_USERNAME,
+    LegacyRow,
+    NewUser,
+    Reject,
+    Transformer,
+    email_key,
+    jsonable_row,
+)
 
 USER_COLUMNS = NewUser._fields
 TARGET_LINKS = {
     "groups": ("account_newuser_groups", "group_id"),
     "permissions": ("account_newuser_user_permissions", "permission_id"),
 }
+REJECTED_COPY = "COPY migration_audit.rejected_rows (run_id, source_id, reason, detail, source_row, rejected_at) FROM STDIN"
+FIXES_COPY = "COPY migration_audit.field_fixes (run_id, source_id, field, original_value, new_value, reason) FROM STDIN"
+STATE_COPY = "COPY stage_state (source_id, row_hash, outcome, fingerprint) FROM STDIN"
 
 
 @dataclass
@@ -37,6 +58,7 @@ class PartitionResult:
     lo: int
     hi: int
     rows_in: int = 0
+    read: int = 0
     migrated: int = 0
     inserted: int = 0
     updated: int = 0
@@ -55,6 +77,39 @@ class PartitionResult:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def count_reject(self, reason: str) -> None:
+        self.rejected += 1
+        self.rejected_by_reason[reason] = self.rejected_by_reason.get(reason, 0) + 1
+
+
+def fingerprint(user: NewUser) -> int:
+    """A 64-bit fingerprint of a target row; include/sql/copy/target_checksum.sql computes the same in SQL."""
+    last_login = (
+        user.last_login.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f") if user.last_login else ""
+    )
+    text = "\x1f".join(
+        (
+            str(user.id),
+            user.password,
+            last_login,
+            str(int(user.is_superuser)),
+            user.email,
+            user.username,
+            user.full_name,
+            user.date_of_birth.isoformat(),
+            user.phone_number,
+            str(int(user.is_active)),
+            str(int(user.is_staff)),
+        )
+    )
+    return int.from_bytes(hashlib.md5(text.encode()).digest()[:8], "big", signed=True)
+
+
+def row_hash_sql(mapping: LegacyMapping) -> sql.Composed:
+    """md5 of the mapped legacy columns: changes when any migrated value of the row changes."""
+    columns = [sql.Identifier(c) for name in FIELDS if (c := mapping.column(name)) is not None]
+    return sql.SQL("decode(md5(ROW({})::text), 'hex')").format(sql.SQL(", ").join(columns))
 
 
 def _legacy_names(settings: Settings) -> list[str]:
@@ -95,15 +150,30 @@ def copy_partition(
     settings: Settings,
     run_id: str,
     partition: dict[str, Any],
+    own_snapshot: bool = True,
 ) -> PartitionResult:
-    """Move one partition; safe to retry or re-run. Raises MigrationError without row values."""
-    _mark(target, run_id, partition, "running", None)
+    """Move one partition; safe to retry or re-run. Raises MigrationError without row values.
+
+    With ``own_snapshot=False`` the caller holds the source transaction (the cutover, under its
+    lock); source and target may then be one connection.
+    """
+    if own_snapshot:
+        _mark(target, run_id, partition, "running", None)
     try:
-        result = _copy(source, target, settings, run_id, partition)
+        try:
+            result = _copy(source, target, settings, run_id, partition, own_snapshot)
+        except psycopg.errors.UniqueViolation:
+            if not partition.get("initial_load") or not own_snapshot:
+                raise
+            # A legacy row changed after the plan; the plain load cannot settle that, the merge can.
+            _rollback(source, target)
+            result = _copy(
+                source, target, settings, run_id, {**partition, "initial_load": False}, own_snapshot
+            )
     except Exception as exc:
-        for conn in (source, target):
-            if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                conn.rollback()
+        if not own_snapshot:
+            raise
+        _rollback(source, target)
         reason = safe_error(exc)
         if not target.closed and not target.broken:
             _mark(target, run_id, partition, "failed", reason)
@@ -114,12 +184,30 @@ def copy_partition(
     return result
 
 
+def _rollback(*conns: psycopg.Connection) -> None:
+    for conn in conns:
+        if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            conn.rollback()
+
+
+class _Batch:
+    """One batch's output, written with COPY in one go."""
+
+    def __init__(self) -> None:
+        self.good: list[NewUser] = []
+        self.rejects: list[tuple[Any, ...]] = []
+        self.fixes: list[tuple[Any, ...]] = []
+        self.state: list[tuple[Any, ...]] = []
+        self.rejected_ids: list[int] = []
+
+
 def _copy(
     source: psycopg.Connection,
     target: psycopg.Connection,
     settings: Settings,
     run_id: str,
     partition: dict[str, Any],
+    own_snapshot: bool,
 ) -> PartitionResult:
     started = time.perf_counter()
     lo, hi, no = partition["lo"], partition["hi"], partition["partition_no"]
@@ -131,6 +219,10 @@ def _copy(
     result = PartitionResult(no, lo, hi)
     legacy_names = _legacy_names(settings)
     dry_run = settings.dry_run
+    select = sql.SQL("SELECT {}, {} AS row_hash FROM {}").format(
+        legacy_select_list(mapping), row_hash_sql(mapping), users_table(mapping)
+    )
+    id_column = sql.Identifier(mapping.column("id"))
 
     with target.transaction():
         losers = {
@@ -151,106 +243,66 @@ def _copy(
         target.execute(
             "DELETE FROM migration_audit.batches WHERE run_id = %s AND partition_no = %s", (run_id, no)
         )
+        has_state = False
         if dry_run:
             result.path = "dry_run"
-            load_table = None
         elif (
-            not partition.get("initial_load")
-            or target.execute(
+            partition.get("initial_load")
+            and not target.execute(
                 "SELECT EXISTS (SELECT 1 FROM account_newuser WHERE id BETWEEN %s AND %s)", (lo, hi)
             ).fetchone()[0]
         ):
-            # The target held users when the run was planned (or this range was loaded already): merge.
-            result.path = "merge"
+            result.path = "load"
+        else:
+            has_state = target.execute(
+                "SELECT EXISTS (SELECT 1 FROM migration_audit.source_state WHERE source_id BETWEEN %s AND %s)",
+                (lo, hi),
+            ).fetchone()[0]
+            result.path = "delta" if has_state else "merge"
+        if result.path != "dry_run":
+            target.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS stage_state "
+                "(source_id bigint, row_hash bytea, outcome char(1), fingerprint bigint) ON COMMIT DROP"
+            )
+            target.execute("TRUNCATE stage_state")
+        if result.path in ("merge", "delta"):
+            target.execute("DROP TABLE IF EXISTS stage_users")
             target.execute(
                 "CREATE TEMP TABLE stage_users ON COMMIT DROP AS "
                 "SELECT id, password, last_login, is_superuser, email, username, full_name, date_of_birth, "
                 "phone_number, is_active, is_staff FROM account_newuser WITH NO DATA"
             )
-            load_table = sql.Identifier("stage_users")
-        else:
-            result.path = "load"
-            load_table = sql.Identifier("account_newuser")
-
-        users_copy = (
-            sql.SQL("COPY {} ({}) FROM STDIN").format(
-                load_table,
-                sql.SQL(", ").join(
-                    map(
-                        sql.Identifier,
-                        [*USER_COLUMNS, *(["joined_at", "updated_at"] if result.path == "load" else [])],
-                    )
-                ),
+        users_copy = None
+        if result.path == "load":
+            columns = [*USER_COLUMNS, "joined_at", "updated_at"]
+            users_copy = sql.SQL("COPY account_newuser ({}) FROM STDIN").format(
+                sql.SQL(", ").join(map(sql.Identifier, columns))
             )
-            if load_table is not None
-            else None
-        )
+        elif result.path in ("merge", "delta"):
+            users_copy = sql.SQL("COPY stage_users ({}) FROM STDIN").format(
+                sql.SQL(", ").join(map(sql.Identifier, USER_COLUMNS))
+            )
         stamps = (now, now) if result.path == "load" else ()
 
         with source.transaction():
-            source.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            query = sql.SQL("SELECT {} FROM {} WHERE {} BETWEEN %s AND %s ORDER BY {}").format(
-                legacy_select_list(mapping),
-                users_table(mapping),
-                sql.Identifier(mapping.column("id")),
-                sql.Identifier(mapping.column("id")),
-            )
-            with source.cursor(name=f"partition_{no}") as cursor, target.cursor() as out:
-                cursor.itersize = settings.batch_size
-                cursor.execute(query, (lo, hi))
+            if own_snapshot:
+                source.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            deleted: list[int] = []
+            if result.path == "delta":
+                process, deleted, skipped, rows_in = _delta(source, target, mapping, lo, hi, losers)
+                result.rows_in = rows_in
+                result.unchanged = skipped
+                batches = _rows_by_id(source, select, id_column, process, settings.batch_size)
+            else:
+                batches = _rows_in_range(source, select, id_column, lo, hi, settings.batch_size, no)
+            rejected_ids: list[int] = []
+            with target.cursor() as out:
                 batch_no = 0
-                while rows := cursor.fetchmany(settings.batch_size):
+                for rows in batches:
                     batch_started = time.perf_counter()
-                    good: list[NewUser] = []
-                    rejects: list[tuple[Any, ...]] = []
-                    fixes: list[tuple[Any, ...]] = []
-                    for values in rows:
-                        row = LegacyRow(*values)
-                        user, reject, row_fixes = transformer.transform(row)
-                        if user is not None and row.id in losers:
-                            reason, kept_id = losers[row.id]
-                            field_name = "email" if reason == "duplicate_email" else "username"
-                            user, reject, row_fixes = (
-                                None,
-                                Reject(reason, f"same {field_name} as user {kept_id}, which is kept"),
-                                [],
-                            )
-                        if user is None:
-                            rejects.append(
-                                (
-                                    run_id,
-                                    row.id,
-                                    reject.reason,
-                                    reject.detail,
-                                    Jsonb(jsonable_row(dict(zip(legacy_names, values, strict=True)))),
-                                    now,
-                                )
-                            )
-                            result.rejected_by_reason[reject.reason] = (
-                                result.rejected_by_reason.get(reject.reason, 0) + 1
-                            )
-                            continue
-                        good.append(user)
-                        for fix in row_fixes:
-                            fixes.append(
-                                (run_id, row.id, fix.field, fix.original_value, fix.new_value, fix.reason)
-                            )
-                    if users_copy is not None and good:
-                        with out.copy(users_copy) as copy:
-                            for user in good:
-                                copy.write_row((*user, *stamps))
-                    if rejects:
-                        with out.copy(
-                            "COPY migration_audit.rejected_rows (run_id, source_id, reason, detail, source_row, rejected_at) FROM STDIN"
-                        ) as copy:
-                            for item in rejects:
-                                copy.write_row(item)
-                    if fixes:
-                        with out.copy(
-                            "COPY migration_audit.field_fixes (run_id, source_id, field, original_value, new_value, reason) FROM STDIN"
-                        ) as copy:
-                            for item in fixes:
-                                copy.write_row(item)
+                    batch = _transform_batch(rows, transformer, losers, legacy_names, run_id, now, result)
+                    rejected_ids += batch.rejected_ids
+                    _write_batch(out, batch, users_copy, stamps, result.path)
                     out.execute(
                         "INSERT INTO migration_audit.batches (run_id, partition_no, batch_no, first_id, last_id, "
                         "rows_in, rows_ok, rejected, seconds) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
@@ -261,30 +313,24 @@ def _copy(
                             rows[0][0],
                             rows[-1][0],
                             len(rows),
-                            len(good),
-                            len(rejects),
+                            len(batch.good),
+                            len(batch.rejects),
                             time.perf_counter() - batch_started,
                         ),
                     )
                     kill_after_batch(batch_no)
                     batch_no += 1
-                    result.rows_in += len(rows)
-                    result.migrated += len(good)
-                    result.rejected += len(rejects)
-                    result.fixed += len(fixes)
+                    result.read += len(rows)
                 result.batches = batch_no
+            if result.path != "delta":
+                result.rows_in = result.read
 
-            if result.path == "merge":
-                params = {"lo": lo, "hi": hi, "now": now}
-                # Removals first: a key a vanished or displaced row holds may be taken by a merged row.
-                result.removed = target.execute(read_sql("copy/remove_vanished_users.sql"), params).rowcount
-                result.displaced = target.execute(read_sql("copy/displace_conflicting_users.sql")).rowcount
-                result.inserted, result.updated = target.execute(
-                    read_sql("copy/merge_users.sql"), params
-                ).fetchone()
-                result.unchanged = result.migrated - result.inserted - result.updated
+            if result.path in ("merge", "delta"):
+                _merge(source, target, settings, transformer, result, deleted, rejected_ids, run_id, now)
             elif result.path == "load":
                 result.inserted = result.migrated
+            if result.path != "dry_run":
+                _save_state(target, result.path, lo, hi, deleted, run_id)
 
             for key, link in (("groups", mapping.groups), ("permissions", mapping.permissions)):
                 if link is not None:
@@ -296,14 +342,276 @@ def _copy(
         target.execute(
             """
             UPDATE migration_audit.partitions SET
-                state = 'done', rows_in = %(rows_in)s, inserted = %(inserted)s, updated = %(updated)s,
-                unchanged = %(unchanged)s, removed = %(removed)s, displaced = %(displaced)s, rejected = %(rejected)s, fixed = %(fixed)s,
-                links_in = %(links_in)s, finished_at = clock_timestamp(), seconds = %(seconds)s, error = NULL
+                state = 'done', rows_in = %(rows_in)s, transformed = %(read)s, inserted = %(inserted)s, updated = %(updated)s,
+                unchanged = %(unchanged)s, removed = %(removed)s, displaced = %(displaced)s,
+                rejected = %(rejected)s, fixed = %(fixed)s, links_in = %(links_in)s,
+                finished_at = clock_timestamp(), seconds = %(seconds)s, error = NULL
             WHERE run_id = %(run_id)s AND partition_no = %(partition_no)s
             """,
             {**result.as_dict(), "run_id": run_id},
         )
     return result
+
+
+def _rows_in_range(
+    source: psycopg.Connection,
+    select: sql.Composed,
+    id_column: sql.Identifier,
+    lo: int,
+    hi: int,
+    batch_size: int,
+    no: int,
+) -> Iterator[list[tuple]]:
+    query = sql.SQL("{} WHERE {} BETWEEN %s AND %s ORDER BY {}").format(select, id_column, id_column)
+    with source.cursor(name=f"partition_{no}") as cursor:
+        cursor.itersize = batch_size
+        cursor.execute(query, (lo, hi))
+        while rows := cursor.fetchmany(batch_size):
+            yield rows
+
+
+def _rows_by_id(
+    source: psycopg.Connection,
+    select: sql.Composed,
+    id_column: sql.Identifier,
+    ids: list[int],
+    batch_size: int,
+) -> Iterator[list[tuple]]:
+    query = sql.SQL("{} WHERE {} = ANY(%s) ORDER BY {}").format(select, id_column, id_column)
+    for start in range(0, len(ids), batch_size):
+        rows = source.execute(query, (ids[start : start + batch_size],)).fetchall()
+        if rows:
+            yield rows
+
+
+def _delta(
+    source: psycopg.Connection,
+    target: psycopg.Connection,
+    mapping: LegacyMapping,
+    lo: int,
+    hi: int,
+    losers: dict[int, tuple[str, int]],
+) -> tuple[list[int], list[int], int, int]:
+    """(ids to read and transform, ids deleted from the legacy table, unchanged rows, legacy rows in range).
+
+    A merge join of two id-ordered streams: the legacy rows' hashes, and the last pass's state.
+    """
+    id_column = sql.Identifier(mapping.column("id"))
+    query = sql.SQL("SELECT {}, {} FROM {} WHERE {} BETWEEN %s AND %s ORDER BY {}").format(
+        id_column, row_hash_sql(mapping), users_table(mapping), id_column, id_column
+    )
+    process: list[int] = []
+    deleted: list[int] = []
+    skipped = rows_in = 0
+    with (
+        source.cursor(name="delta_source") as src,
+        target.cursor(name="delta_state") as state,
+    ):
+        src.itersize = state.itersize = 50_000
+        src.execute(query, (lo, hi))
+        state.execute(
+            "SELECT source_id, row_hash, outcome FROM migration_audit.source_state "
+            "WHERE source_id BETWEEN %s AND %s ORDER BY source_id",
+            (lo, hi),
+        )
+        left, right = next(src, None), next(state, None)
+        while left is not None or right is not None:
+            if right is None or (left is not None and left[0] < right[0]):
+                process.append(left[0])  # new in the legacy table
+                rows_in += 1
+                left = next(src, None)
+            elif left is None or right[0] < left[0]:
+                deleted.append(right[0])  # gone from the legacy table
+                right = next(state, None)
+            else:
+                rows_in += 1
+                if bytes(left[1]) != bytes(right[1]) or right[2] == "R" or left[0] in losers:
+                    process.append(left[0])
+                else:
+                    skipped += 1
+                left, right = next(src, None), next(state, None)
+    return process, deleted, skipped, rows_in
+
+
+def _transform_batch(
+    rows: list[tuple],
+    transformer: Transformer,
+    losers: dict[int, tuple[str, int]],
+    legacy_names: list[str],
+    run_id: str,
+    now: dt.datetime,
+    result: PartitionResult,
+) -> _Batch:
+    batch = _Batch()
+    for values in rows:
+        row = LegacyRow(*values[:-1])
+        row_hash = values[-1]
+        user, reject, row_fixes = transformer.transform(row)
+        if user is not None and row.id in losers:
+            reason, kept_id = losers[row.id]
+            field_name = "email" if reason == DUPLICATE_EMAIL else "username"
+            user, reject, row_fixes = (
+                None,
+                Reject(reason, f"same {field_name} as user {kept_id}, which is kept"),
+                [],
+            )
+        if user is None:
+            source_row = Jsonb(jsonable_row(dict(zip(legacy_names, values[:-1], strict=True))))
+            batch.rejects.append((run_id, row.id, reject.reason, reject.detail, source_row, now))
+            batch.state.append((row.id, row_hash, "R", None))
+            batch.rejected_ids.append(row.id)
+            result.count_reject(reject.reason)
+            continue
+        batch.good.append(user)
+        batch.state.append((row.id, row_hash, "M", fingerprint(user)))
+        result.migrated += 1
+        for fix in row_fixes:
+            batch.fixes.append((run_id, row.id, fix.field, fix.original_value, fix.new_value, fix.reason))
+            result.fixed += 1
+    return batch
+
+
+def _write_batch(
+    out: psycopg.Cursor, batch: _Batch, users_copy: sql.Composed | None, stamps: tuple, path: str
+) -> None:
+    if users_copy is not None and batch.good:
+        with out.copy(users_copy) as copy:
+            for user in batch.good:
+                copy.write_row((*user, *stamps))
+    for statement, items in ((REJECTED_COPY, batch.rejects), (FIXES_COPY, batch.fixes)):
+        if items:
+            with out.copy(statement) as copy:
+                for item in items:
+                    copy.write_row(item)
+    if path != "dry_run" and batch.state:
+        with out.copy(STATE_COPY) as copy:
+            for item in batch.state:
+                copy.write_row(item)
+
+
+def _merge(
+    source: psycopg.Connection,
+    target: psycopg.Connection,
+    settings: Settings,
+    transformer: Transformer,
+    result: PartitionResult,
+    deleted: list[int],
+    rejected_ids: list[int],
+    run_id: str,
+    now: dt.datetime,
+) -> None:
+    """Bring account_newuser in line with stage_users for this partition."""
+    # Removals first: a key that a vanished or displaced row holds may be taken by a merged row.
+    if result.path == "merge":
+        result.removed = target.execute(
+            read_sql("copy/remove_vanished_users.sql"), {"lo": result.lo, "hi": result.hi}
+        ).rowcount
+    else:
+        result.removed = target.execute(
+            "DELETE FROM account_newuser WHERE id = ANY(%s)", (deleted + rejected_ids,)
+        ).rowcount
+    _settle_conflicts(source, target, settings, transformer, result, run_id, now)
+    result.inserted, result.updated = target.execute(
+        read_sql("copy/merge_users.sql"), {"now": now}
+    ).fetchone()
+    result.unchanged += result.migrated - result.inserted - result.updated
+
+
+def _settle_conflicts(
+    source: psycopg.Connection,
+    target: psycopg.Connection,
+    settings: Settings,
+    transformer: Transformer,
+    result: PartitionResult,
+    run_id: str,
+    now: dt.datetime,
+) -> None:
+    """Target users elsewhere holding a key a staged user takes: stale holders leave, real ones win.
+
+    The plan makes the moving rows unique, so a holder whose legacy row is gone, rejected or now
+    has another key is stale: it is removed, and its own partition writes its current values. A
+    holder that still has the key means a legacy row changed after the plan: the staged row is
+    rejected for this pass, and the next pass's plan decides between them.
+    """
+    target.execute("ANALYZE stage_users")
+    conflicts = target.execute(read_sql("copy/find_key_conflicts.sql")).fetchall()
+    if not conflicts:
+        return
+    mapping = settings.mapping
+    holders = sorted({holder for holder, _, _, _ in conflicts})
+    current = {
+        holder: (email_key(email), username)
+        for holder, email, username in target.execute(
+            "SELECT id, email, username FROM account_newuser WHERE id = ANY(%s)", (holders,)
+        ).fetchall()
+    }
+    holder_losers = {
+        source_id
+        for (source_id,) in target.execute(
+            "SELECT source_id FROM migration_audit.plan_duplicates WHERE run_id = %s AND source_id = ANY(%s)",
+            (run_id, holders),
+        ).fetchall()
+    }
+    select = sql.SQL("SELECT {} FROM {} WHERE {} = ANY(%s)").format(
+        legacy_select_list(mapping), users_table(mapping), sql.Identifier(mapping.column("id"))
+    )
+    still_valid: dict[int, tuple[str, str]] = {}
+    for values in source.execute(select, (holders,)).fetchall():
+        user, _, _ = transformer.transform(LegacyRow(*values))
+        if user is not None and user.id not in holder_losers:
+            still_valid[user.id] = (email_key(user.email), user.username)
+    stale = [h for h in holders if still_valid.get(h) != current.get(h)]
+    if stale:
+        result.displaced = target.execute(
+            read_sql("copy/displace_stale_holders.sql"), {"ids": stale}
+        ).rowcount
+    losing: dict[int, tuple[str, str]] = {}
+    for holder, staged, same_email, _ in conflicts:
+        if holder not in stale and staged not in losing:
+            reason, field_name = (
+                (DUPLICATE_EMAIL, "email") if same_email else (DUPLICATE_USERNAME, "username")
+            )
+            losing[staged] = (
+                reason,
+                f"same {field_name} as user {holder}, which holds it; decided again next pass",
+            )
+    if not losing:
+        return
+    ids = sorted(losing)
+    target.execute("DELETE FROM stage_users WHERE id = ANY(%s)", (ids,))
+    result.removed += target.execute("DELETE FROM account_newuser WHERE id = ANY(%s)", (ids,)).rowcount
+    target.execute(
+        "UPDATE stage_state SET outcome = 'R', fingerprint = NULL WHERE source_id = ANY(%s)", (ids,)
+    )
+    result.fixed -= target.execute(
+        "DELETE FROM migration_audit.field_fixes WHERE run_id = %s AND source_id = ANY(%s)", (run_id, ids)
+    ).rowcount
+    legacy_names = _legacy_names(settings)
+    rows = source.execute(select, (ids,)).fetchall()  # before the COPY: it may be the same connection
+    with target.cursor() as out, out.copy(REJECTED_COPY) as copy:
+        for values in rows:
+            reason, detail = losing[values[0]]
+            source_row = Jsonb(jsonable_row(dict(zip(legacy_names, values, strict=True))))
+            copy.write_row((run_id, values[0], reason, detail, source_row, now))
+            result.migrated -= 1
+            result.count_reject(reason)
+
+
+def _save_state(
+    target: psycopg.Connection, path: str, lo: int, hi: int, deleted: list[int], run_id: str
+) -> None:
+    """Record what this pass saw of each legacy row of the range (for the next pass's delta)."""
+    if path == "delta":
+        target.execute("DELETE FROM migration_audit.source_state WHERE source_id = ANY(%s)", (deleted,))
+    else:
+        target.execute("DELETE FROM migration_audit.source_state WHERE source_id BETWEEN %s AND %s", (lo, hi))
+    target.execute(
+        "INSERT INTO migration_audit.source_state (source_id, row_hash, outcome, fingerprint, run_id) "
+        "SELECT source_id, row_hash, outcome, fingerprint, %s FROM stage_state "
+        "ON CONFLICT (source_id) DO UPDATE SET row_hash = EXCLUDED.row_hash, outcome = EXCLUDED.outcome, "
+        "fingerprint = EXCLUDED.fingerprint, run_id = EXCLUDED.run_id",
+        (run_id,),
+    )
 
 
 def _copy_links(
@@ -318,38 +626,30 @@ def _copy_links(
     dry_run: bool,
 ) -> None:
     """Bring the target's links of this range in line with the legacy link table."""
-    query = sql.SQL(
-        "SELECT id, {user}, {other} FROM {table} WHERE {user} BETWEEN %s AND %s ORDER BY id"
-    ).format(
-        user=sql.Identifier(link.user_column),
-        other=sql.Identifier(link.other_column),
-        table=sql.Identifier(schema, link.table),
+    user, other_column = sql.Identifier(link.user_column), sql.Identifier(link.other_column)
+    table_name = sql.Identifier(schema, link.table)
+    if dry_run:
+        count_query = sql.SQL("SELECT count(*) FROM {} WHERE {} BETWEEN %s AND %s").format(table_name, user)
+        result.links_in += source.execute(count_query, (lo, hi)).fetchone()[0]
+        return
+    query = sql.SQL("SELECT id, {}, {} FROM {} WHERE {} BETWEEN %s AND %s ORDER BY id").format(
+        user, other_column, table_name, user
     )
     table, other = target_link
-    if not dry_run:
-        target.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS stage_links (id bigint, user_id bigint, other_id integer) ON COMMIT DROP"
-        )
-        target.execute("TRUNCATE stage_links")
-    count = 0
-    if dry_run:
-        count_query = sql.SQL("SELECT count(*) FROM {table} WHERE {user} BETWEEN %s AND %s").format(
-            user=sql.Identifier(link.user_column), table=sql.Identifier(schema, link.table)
-        )
-        count = source.execute(count_query, (lo, hi)).fetchone()[0]
-    else:
-        with (
-            source.cursor(name=f"links_{link.table}") as cur,
-            target.cursor().copy("COPY stage_links (id, user_id, other_id) FROM STDIN") as copy,
-        ):
-            cur.itersize = 10_000
-            cur.execute(query, (lo, hi))
-            for row in cur:
-                copy.write_row(row)
-                count += 1
-    result.links_in += count
-    if dry_run:
-        return
+    target.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS stage_links (id bigint, user_id bigint, other_id integer) ON COMMIT DROP"
+    )
+    target.execute("TRUNCATE stage_links")
+    # Fetch, then write: source and target may be one connection (the cutover), where a COPY
+    # cannot run while a cursor streams.
+    with source.cursor(name=f"links_{link.table}") as cur:
+        cur.itersize = 10_000
+        cur.execute(query, (lo, hi))
+        while rows := cur.fetchmany(10_000):
+            with target.cursor().copy("COPY stage_links (id, user_id, other_id) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            result.links_in += len(rows)
     names = {"links": sql.Identifier(table), "other": sql.Identifier(other)}
     params = {"lo": lo, "hi": hi}
     result.links_removed += target.execute(

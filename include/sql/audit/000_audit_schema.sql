@@ -64,6 +64,7 @@ CREATE TABLE IF NOT EXISTS migration_audit.partitions (
     state         text NOT NULL,
     attempts      integer NOT NULL DEFAULT 1,
     rows_in       bigint NULL,
+    transformed   bigint NULL,
     inserted      bigint NULL,
     updated       bigint NULL,
     unchanged     bigint NULL,
@@ -121,4 +122,54 @@ CREATE TABLE IF NOT EXISTS migration_audit.validation_results (
     details          jsonb NULL,
     validated_at     timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (run_id, expectation)
+);
+
+-- What the last pass saw of each legacy row: the hash of the legacy row (to find changed rows without
+-- reading them), whether it moved (M) or was rejected (R), and for moved rows a fingerprint of the
+-- transformed row, whose order-independent sum proves source and target equal at cutover.
+CREATE TABLE IF NOT EXISTS migration_audit.source_state (
+    source_id    bigint PRIMARY KEY,
+    row_hash     bytea NOT NULL,
+    outcome      char(1) NOT NULL CHECK (outcome IN ('M', 'R')),
+    fingerprint  bigint NULL,
+    run_id       text NOT NULL
+);
+
+-- One writer at a time per target database: the run holding the lease; see lease.py.
+CREATE TABLE IF NOT EXISTS migration_audit.writer_lease (
+    target       text PRIMARY KEY DEFAULT 'target',
+    run_id       text NULL,
+    dag_id       text NULL,
+    hostname     text NULL,
+    acquired_at  timestamptz NULL,
+    renewed_at   timestamptz NULL
+);
+
+CREATE TABLE IF NOT EXISTS migration_audit.cutovers (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    run_id          text NOT NULL,
+    state           text NOT NULL CHECK (state IN ('active', 'rolled_back')),
+    cut_at          timestamptz NOT NULL DEFAULT now(),
+    cut_by          text NOT NULL,
+    source_rows     bigint NOT NULL,
+    target_rows     bigint NOT NULL,
+    rejected_rows   bigint NOT NULL,
+    source_checksum numeric NOT NULL,
+    target_checksum numeric NOT NULL,
+    pause_seconds   double precision NOT NULL,
+    lock_attempts   integer NOT NULL,
+    details         jsonb NULL,
+    rolled_back_at  timestamptz NULL,
+    rolled_back_by  text NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS cutovers_one_active ON migration_audit.cutovers ((state)) WHERE state = 'active';
+
+CREATE TABLE IF NOT EXISTS migration_audit.rollback_rows (
+    cutover_id   bigint NOT NULL,
+    run_id       text NOT NULL,
+    source_id    bigint NOT NULL,
+    action       text NOT NULL,
+    detail       text NULL,
+    at           timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (cutover_id, source_id, action)
 );
