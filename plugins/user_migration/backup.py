@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,15 @@ class BackupResult:
 
 
 def run_folder_name(run_id: str) -> str:
-    """A file-system-safe folder name for an Airflow run id (which holds ':' and '+')."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", run_id)
+    """A file-system-safe folder name for an Airflow run id (which holds ':' and '+').
+
+    Never ``.``, ``..`` or a hidden name: Airflow's run id pattern allows dots, and the folder of a
+    run is deleted and rewritten by a retry, so it must always be a new entry inside the backup root.
+    """
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", run_id)
+    if not name:
+        raise MigrationError("the run id is empty: it cannot name a backup folder")
+    return "_" + name[1:] if name.startswith(".") else name
 
 
 class _HashingWriter:
@@ -100,6 +108,8 @@ def run_backup(
     """Write the backup of the legacy users and their links for ``run_id``; safe to repeat."""
     _check_writable(root)
     folder = root / run_folder_name(run_id)
+    if folder.resolve().parent != root.resolve():  # a symlink in place of the run's folder
+        raise MigrationError(f"backup folder {folder} does not lie inside {root}; remove it and retry")
     if folder.exists():
         # A retry: whatever an earlier attempt left is replaced, never trusted.
         shutil.rmtree(folder)
@@ -165,12 +175,27 @@ def run_backup(
 
 
 def _check_writable(root: Path) -> None:
+    """Create the backup root if needed (0700) and prove it takes a file, before anything is written.
+
+    A root that already exists keeps its mode: it is the operator's folder (it may be shared, or be
+    /tmp), and each run's own folder inside it is 0700 anyway.
+    """
+    if root.exists() and not root.is_dir():
+        raise MigrationError(
+            f"backup folder {root} is a file, not a folder; remove it or set USER_MIGRATION_BACKUP_DIR to a "
+            "writable folder. Nothing was migrated"
+        )
     try:
-        _private_dir(root)
-        probe = root / ".write-probe"
-        with _open_private(probe) as fh:
-            fh.write(b"ok")
-        probe.unlink()
+        if not root.is_dir():
+            root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(root, 0o700)
+        # A name of its own: runs sharing the root must not remove each other's probe.
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=root)
+        try:
+            os.write(fd, b"ok")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
     except OSError as exc:
         raise MigrationError(
             f"backup folder {root} is not writable ({exc.strerror or exc}); fix its permissions or set "
@@ -183,7 +208,23 @@ def verify_backup(folder: Path) -> dict[str, Any]:
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         raise MigrationError(f"{folder} has no {MANIFEST}: it is not a complete backup")
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        entries = [(str(entry["path"]), str(entry["sha256"])) for entry in manifest["tables"]]
+    except (ValueError, KeyError, TypeError):
+        raise MigrationError(
+            f"{manifest_path} is damaged (not the JSON the backup wrote): refusing to use it"
+        ) from None
+    for name, _ in entries:
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise MigrationError(
+                f"{manifest_path} names a file outside its folder ({name!r}): refusing to use it"
+            )
+        if not (folder / name).is_file():
+            raise MigrationError(
+                f"backup file {folder / name} listed in its manifest is missing: the backup is incomplete. "
+                "Refusing to use it"
+            )
     for entry in manifest["tables"]:
         path = folder / entry["path"]
         digest = hashlib.sha256()
