@@ -351,3 +351,7 @@ def load(dsn: str) -> None:
                 "INSERT INTO account_user_user_permissions (id, user_id, permission_id) VALUES (%s, %s, %s)",
                 PERMISSION_LINKS,
             )
+        for table in ("account_user", "account_user_groups", "account_user_user_permissions"):
+            conn.execute(
+                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM {table}))"
+            )

@@ -107,7 +107,10 @@ def reconcile(conn: psycopg.Connection, run_id: str) -> dict[str, Any]:
     rows_in = totals[2]
     rejected_total = sum(rejected.values())
     return {
-        "source_rows": plan[0],
+        # Rows the pass read and accounted for; while the application writes, this can differ from
+        # the count the plan saw a moment earlier (planned_rows).
+        "source_rows": rows_in,
+        "planned_rows": plan[0],
         "partitions": plan[1],
         "partitions_done": totals[1],
         "partition_attempts": totals[9],

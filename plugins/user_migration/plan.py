@@ -116,12 +116,17 @@ def make_plan(
     settings: Settings,
     run_id: str,
     as_of: dt.date,
+    own_snapshot: bool = True,
 ) -> dict[str, Any]:
-    """Compute and record the plan of ``run_id`` (replacing an earlier attempt's); returns it."""
+    """Compute and record the plan of ``run_id`` (replacing an earlier attempt's); returns it.
+
+    With ``own_snapshot=False`` the caller holds the source transaction (the cutover, under its lock).
+    """
     mapping = settings.mapping
     transformer = Transformer(settings.phone_region, settings.invalid_phone, today=as_of)
     with source.transaction():
-        source.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        if own_snapshot:
+            source.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         count, ranges = partition_ranges(source, mapping, settings.partitions)
         duplicates = find_duplicates(source, mapping, transformer) if count else []
     # An empty target is loaded with plain COPY; once it holds users, partitions merge instead, and

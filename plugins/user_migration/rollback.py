@@ -1,0 +1,258 @@
+"""Undo a cutover, or restore the legacy tables from a backup.
+
+carry_back: after a cutover the application wrote to the new tables; make the legacy tables
+writable again and carry every change made since the cutover back into them (new users, changed
+passwords, last_login, flags and other fields, deleted users), recording each carried-back row in
+migration_audit.rollback_rows, then mark the cutover rolled back so sync passes resume.
+
+restore: reload the legacy tables from a backup run, refusing unless every file matches the sha256
+in its manifest; the files are loaded into new tables first, then swapped in, in one transaction.
+The swap replaces the tables' contents rather than renaming tables, so foreign keys of the
+application's other tables keep pointing at the live table.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from user_migration.backup import verify_backup
+from user_migration.config import FIELDS, Settings
+from user_migration.cutover import active_cutover, set_legacy_read_only
+from user_migration.db import legacy_select_list
+from user_migration.errors import MigrationError
+from user_migration.partition_copy import fingerprint
+from user_migration.transforms import LegacyRow, NewUser, Transformer
+
+CARRIED_FIELDS = [f for f in FIELDS if f != "id"]
+
+
+def carry_back(
+    legacy: psycopg.Connection, target: psycopg.Connection, settings: Settings, by: str, rollback_run: str
+) -> dict[str, Any]:
+    """Roll back the active cutover; one transaction per database (one in all when they are the same)."""
+    cut = active_cutover(target)
+    if cut is None:
+        raise MigrationError("there is no active cutover to roll back (migration_audit.cutovers)")
+    same = legacy is target
+    mapping = settings.mapping
+    users = sql.Identifier(mapping.schema, mapping.users_table)
+    id_column = sql.Identifier(mapping.column("id"))
+    transformer = Transformer(settings.phone_region, settings.invalid_phone, today=dt.date.max)
+    counts = {"inserted": 0, "updated": 0, "deleted": 0}
+    with legacy.transaction(), nullcontext() if same else target.transaction():
+        set_legacy_read_only(legacy, settings, None)
+        state = dict(
+            target.execute(
+                "SELECT source_id, fingerprint FROM migration_audit.source_state WHERE outcome = 'M'"
+            ).fetchall()
+        )
+        current = {
+            row[0]: NewUser(*row)
+            for row in target.execute(
+                "SELECT id, password, last_login, is_superuser, email, username, full_name, date_of_birth, "
+                "phone_number, is_active, is_staff FROM account_newuser"
+            ).fetchall()
+        }
+        new_ids = sorted(set(current) - set(state))
+        deleted_ids = sorted(set(state) - set(current))
+        changed_ids = sorted(i for i in set(current) & set(state) if fingerprint(current[i]) != state[i])
+        limits = _column_limits(legacy, settings)
+        records: list[tuple[int, str, str | None]] = []
+
+        if deleted_ids:
+            for link in (mapping.groups, mapping.permissions):
+                if link is not None:
+                    legacy.execute(
+                        sql.SQL("DELETE FROM {} WHERE {} = ANY(%s)").format(
+                            sql.Identifier(mapping.schema, link.table), sql.Identifier(link.user_column)
+                        ),
+                        (deleted_ids,),
+                    )
+            counts["deleted"] = legacy.execute(
+                sql.SQL("DELETE FROM {} WHERE {} = ANY(%s)").format(users, id_column), (deleted_ids,)
+            ).rowcount
+            records += [(i, "delete", None) for i in deleted_ids]
+
+        mapped = [(f, mapping.column(f)) for f in CARRIED_FIELDS if mapping.column(f) is not None]
+        if changed_ids:
+            select = sql.SQL("SELECT {} FROM {} WHERE {} = ANY(%s)").format(
+                legacy_select_list(mapping), users, id_column
+            )
+            for values in legacy.execute(select, (changed_ids,)).fetchall():
+                was, _, _ = transformer.transform(LegacyRow(*values))
+                now = current[values[0]]
+                fields = [f for f, _ in mapped if was is None or getattr(was, f) != getattr(now, f)]
+                if not fields:
+                    continue
+                assignments = sql.SQL(", ").join(
+                    sql.SQL("{} = %s").format(sql.Identifier(mapping.column(f))) for f in fields
+                )
+                legacy.execute(
+                    sql.SQL("UPDATE {} SET {} WHERE {} = %s").format(users, assignments, id_column),
+                    [_fit(getattr(now, f), limits.get(mapping.column(f)), f, values[0]) for f in fields]
+                    + [values[0]],
+                )
+                counts["updated"] += 1
+                records.append((values[0], "update", ",".join(fields)))
+
+        if new_ids:
+            columns = [mapping.column("id")] + [column for _, column in mapped]
+            insert = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+                users,
+                sql.SQL(", ").join(map(sql.Identifier, columns)),
+                sql.SQL(", ").join(sql.Placeholder() * len(columns)),
+            )
+            for user_id in new_ids:
+                user = current[user_id]
+                values = [user_id] + [_fit(getattr(user, f), limits.get(c), f, user_id) for f, c in mapped]
+                try:
+                    with legacy.transaction():
+                        legacy.execute(insert, values)
+                except psycopg.errors.UniqueViolation as exc:
+                    raise MigrationError(
+                        f"rollback stopped, nothing changed: new user {user_id} cannot be carried back, the legacy "
+                        f"table already holds its key ({exc.diag.constraint_name}); resolve that row by hand and "
+                        "run the rollback again"
+                    ) from None
+                counts["inserted"] += 1
+                records.append((user_id, "insert", None))
+            legacy.execute(
+                sql.SQL("SELECT setval(pg_get_serial_sequence({}, {}), (SELECT max({}) FROM {}))").format(
+                    sql.Literal(f"{mapping.schema}.{mapping.users_table}"),
+                    sql.Literal(mapping.column("id")),
+                    id_column,
+                    users,
+                )
+            )
+
+        with target.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO migration_audit.rollback_rows (cutover_id, run_id, source_id, action, detail) "
+                "VALUES (%s, %s, %s, %s, %s)",
+                [(cut["id"], rollback_run, i, action, detail) for i, action, detail in records],
+            )
+        target.execute(
+            "UPDATE migration_audit.cutovers SET state = 'rolled_back', rolled_back_at = now(), "
+            "rolled_back_by = %s WHERE id = %s",
+            (by, cut["id"]),
+        )
+    return {"cutover_id": cut["id"], "cutover_run_id": cut["run_id"], **counts}
+
+
+def _column_limits(legacy: psycopg.Connection, settings: Settings) -> dict[str, int]:
+    return {
+        name: limit
+        for name, limit in legacy.execute(
+            "SELECT column_name, character_maximum_length FROM information_schema.columns "
+            "WHERE table_schema = %s AND table_name = %s AND character_maximum_length IS NOT NULL",
+            (settings.mapping.schema, settings.mapping.users_table),
+        ).fetchall()
+    }
+
+
+def _fit(value: Any, limit: int | None, field: str, user_id: int) -> Any:
+    if limit is not None and isinstance(value, str) and len(value) > limit:
+        raise MigrationError(
+            f"rollback stopped, nothing changed: user {user_id}'s {field} has {len(value)} characters, the legacy "
+            f"column allows {limit}; widen the legacy column or fix the row, then run the rollback again"
+        )
+    return value
+
+
+def restore(
+    legacy: psycopg.Connection, target: psycopg.Connection | None, settings: Settings, folder: Path
+) -> dict:
+    """Reload the legacy tables from the backup in ``folder``; refuses a backup that fails its checksums."""
+    manifest = verify_backup(folder)
+    mapping = settings.mapping
+    live = {f"{mapping.schema}.{name}" for name in _names(settings)}
+    entries = {entry["table"]: entry for entry in manifest["tables"]}
+    missing = live - set(entries)
+    if missing:
+        raise MigrationError(
+            f"backup {folder} has no file for {', '.join(sorted(missing))}; refusing to restore"
+        )
+    loaded: dict[str, int] = {}
+    with legacy.transaction():
+        for qualified in _ordered(settings):
+            entry = entries[qualified]
+            schema, name = qualified.split(".", 1)
+            columns = [
+                r[0]
+                for r in legacy.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND table_name = %s "
+                    "ORDER BY ordinal_position",
+                    (schema, name),
+                ).fetchall()
+            ]
+            if columns != entry["columns"]:
+                raise MigrationError(
+                    f"backup file {entry['path']} has columns {entry['columns']}, the live table {qualified} has "
+                    f"{columns}; refusing to restore into a table whose shape changed"
+                )
+            staging = sql.Identifier(schema, f"{name}__restore")
+            legacy.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(staging))
+            legacy.execute(
+                sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS)").format(
+                    staging, sql.Identifier(schema, name)
+                )
+            )
+            with (
+                legacy.cursor().copy(
+                    sql.SQL("COPY {} FROM STDIN WITH (FORMAT csv, HEADER true)").format(staging)
+                ) as copy,
+                gzip.open(folder / entry["path"], "rb") as fh,
+            ):
+                while chunk := fh.read(1 << 20):
+                    copy.write(chunk)
+            count = legacy.execute(sql.SQL("SELECT count(*) FROM {}").format(staging)).fetchone()[0]
+            if count != entry["rows"]:
+                raise MigrationError(
+                    f"backup file {entry['path']} loaded {count} rows, its manifest says {entry['rows']}; refusing"
+                )
+            loaded[qualified] = count
+    # The swap: one transaction, children emptied before the parent, the parent filled first.
+    with legacy.transaction():
+        legacy.execute("SET CONSTRAINTS ALL DEFERRED")
+        set_legacy_read_only(legacy, settings, None)
+        order = _ordered(settings)
+        for qualified in reversed(order):
+            schema, name = qualified.split(".", 1)
+            legacy.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(schema, name)))
+        for qualified in order:
+            schema, name = qualified.split(".", 1)
+            live_table, staging = sql.Identifier(schema, name), sql.Identifier(schema, f"{name}__restore")
+            legacy.execute(sql.SQL("INSERT INTO {} SELECT * FROM {}").format(live_table, staging))
+            legacy.execute(sql.SQL("DROP TABLE {}").format(staging))
+            legacy.execute(
+                sql.SQL(
+                    "SELECT setval(pg_get_serial_sequence({}, 'id'), coalesce((SELECT max(id) FROM {}), 0) + 1, false) "
+                    "WHERE pg_get_serial_sequence({}, 'id') IS NOT NULL"
+                ).format(sql.Literal(qualified), live_table, sql.Literal(qualified))
+            )
+    if target is not None:
+        cut = active_cutover(target)
+        if cut is not None:
+            target.execute(
+                "UPDATE migration_audit.cutovers SET state = 'rolled_back', rolled_back_at = now(), "
+                "rolled_back_by = %s WHERE id = %s",
+                (f"restore from {folder.name}", cut["id"]),
+            )
+    return {"backup": str(folder), "restored": loaded}
+
+
+def _names(settings: Settings) -> list[str]:
+    mapping = settings.mapping
+    return [mapping.users_table] + [link.table for link in (mapping.groups, mapping.permissions) if link]
+
+
+def _ordered(settings: Settings) -> list[str]:
+    """Parent first, then the link tables."""
+    return [f"{settings.mapping.schema}.{name}" for name in _names(settings)]

@@ -1,0 +1,305 @@
+"""Sync passes against a database being written to, the cutover, the lease, rollback and restore."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import fixture_users as fx
+import psycopg
+import pytest
+from pipeline import run_stages, snapshot
+
+from user_migration import lease
+from user_migration.backup import run_backup
+from user_migration.config import Settings
+from user_migration.cutover import CutoverOptions, CutoverRefused, active_cutover, run_cutover
+from user_migration.errors import MigrationError
+from user_migration.rollback import carry_back, restore
+from user_migration.transforms import Transformer, email_key
+
+WRITER = Path(__file__).with_name("legacy_writer.py")
+SETTINGS = Settings(partitions=3, batch_size=5)
+
+
+def expected_target(dsn: str, as_of: dt.date) -> dict[int, tuple]:
+    """The transform of the legacy table as it is now, computed independently of the pipeline."""
+    transformer = Transformer("NP", "fix", today=as_of)
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT id, password, last_login, is_superuser, email, username, full_name, date_of_birth, "
+            "phone_number, is_active, is_staff FROM account_user ORDER BY id"
+        ).fetchall()
+    from user_migration.transforms import LegacyRow
+
+    seen_email, seen_username, out = set(), set(), {}
+    for row in rows:
+        user, _, _ = transformer.transform(LegacyRow(*row))
+        if user is None:
+            continue
+        if email_key(user.email) in seen_email or user.username in seen_username:
+            continue
+        seen_email.add(email_key(user.email))
+        seen_username.add(user.username)
+        out[user.id] = tuple(user)
+    return out
+
+
+def migrated(dsn: str) -> dict[int, tuple]:
+    return {row[0]: tuple(row) for row in snapshot(dsn)["users"]}
+
+
+def validated_pass(dsn: str, run_id: str, backup_dir: Path) -> dict:
+    """A pass plus a recorded successful validation (the GX suite itself is tested elsewhere)."""
+    result = run_stages(dsn, dsn, SETTINGS, run_id, backup_dir)
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "INSERT INTO migration_audit.validation_results (run_id, expectation, success) "
+            "VALUES (%s, 'every_source_row_accounted', %s)",
+            (run_id, result["migrated"] + result["rejected"] == result["source_rows"]),
+        )
+    return result
+
+
+def cutover(dsn: str, run_id: str, **options) -> dict:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return run_cutover(conn, conn, SETTINGS, run_id, dt.date.today(), "test", CutoverOptions(**options))
+
+
+@pytest.fixture
+def legacy(make_db) -> str:
+    dsn = make_db("cut")
+    fx.load(dsn)
+    return dsn
+
+
+def start_writer(dsn: str, tmp_path: Path, seed: int = 1):
+    stop, out = tmp_path / f"stop-{seed}", tmp_path / f"writer-{seed}.json"
+    proc = subprocess.Popen([sys.executable, str(WRITER), dsn, str(stop), str(out), str(seed)])
+
+    def finish() -> dict:
+        stop.touch()
+        proc.wait(timeout=60)
+        return json.loads(out.read_text())
+
+    return finish
+
+
+def test_passes_converge_while_the_application_writes_then_cutover_freezes_it(legacy, backup_dir, tmp_path):
+    finish = start_writer(legacy, tmp_path)
+    time.sleep(0.5)
+    validated_pass(legacy, "pass-1", backup_dir)
+    validated_pass(legacy, "pass-2", backup_dir)
+    time.sleep(0.3)
+    validated_pass(legacy, "pass-3", backup_dir)
+    result = cutover(legacy, "pass-3")  # the writer is still writing
+    time.sleep(0.5)
+    stats = finish()
+
+    assert stats["inserted"] > 5 and stats["updated"] > 5 and stats["deleted"] > 0, stats
+    # After the cutover every write fails, naming the new table.
+    assert stats["errors"], "the writer's writes must fail after the cutover"
+    assert all("read-only: users moved to account_newuser" in e for e in stats["errors"]), stats["errors"]
+    # The target equals the transform of the final legacy state, row by row.
+    assert migrated(legacy) == expected_target(legacy, dt.date.today())
+    assert result["source_checksum"] == result["target_checksum"]
+    assert result["write_pause_seconds"] < 10
+    with psycopg.connect(legacy) as conn:
+        cut = conn.execute(
+            "SELECT run_id, state, source_rows, target_rows + rejected_rows FROM migration_audit.cutovers"
+        ).fetchone()
+        assert cut[:2] == ("pass-3", "active") and cut[2] == cut[3]
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction, match="account_newuser"):
+            conn.execute("UPDATE account_user SET full_name = 'x' WHERE id = 1")
+
+
+def test_cutover_dry_run_changes_nothing_and_reports_the_pause(legacy, backup_dir):
+    validated_pass(legacy, "pass-1", backup_dir)
+    before = migrated(legacy)
+    result = cutover(legacy, "pass-1", dry_run=True)
+    assert result["dry_run"] is True and result["write_pause_seconds"] >= 0
+    assert result["source_checksum"] == result["target_checksum"]
+    with psycopg.connect(legacy) as conn:
+        assert active_cutover(conn) is None
+        conn.execute("UPDATE account_user SET full_name = 'Still Writable' WHERE id = 1")
+    assert migrated(legacy) == before
+
+
+def test_cutover_refused_without_a_passing_validation(legacy, backup_dir):
+    run_stages(legacy, legacy, SETTINGS, "unvalidated", backup_dir)
+    with pytest.raises(CutoverRefused, match="validation of run 'unvalidated' did not pass"):
+        cutover(legacy, "unvalidated")
+
+
+def test_cutover_gives_up_within_its_timeout_when_a_long_transaction_holds_the_table(legacy, backup_dir):
+    validated_pass(legacy, "pass-1", backup_dir)
+    blocker = psycopg.connect(legacy, application_name="long-report")
+    blocker.execute("UPDATE account_user SET full_name = full_name WHERE id = 1")  # open transaction
+    started = time.monotonic()
+    try:
+        with pytest.raises(CutoverRefused) as refused:
+            cutover(legacy, "pass-1", lock_timeout_ms=200, attempts=3, backoff_seconds=0.1)
+        elapsed = time.monotonic() - started
+    finally:
+        blocker.rollback()
+        blocker.close()
+    message = str(refused.value)
+    assert "could not be locked within 200 ms in 3 attempts" in message and "long-report" in message
+    assert elapsed < 0.2 * 3 + 0.1 + 0.2 + 2  # three timeouts and two backoffs, plus slack
+    with psycopg.connect(legacy) as conn:
+        assert active_cutover(conn) is None
+        conn.execute("UPDATE account_user SET full_name = 'Writable' WHERE id = 1")
+
+
+def test_pause_while_cutover_holds_the_lock_then_writes_fail(legacy, backup_dir):
+    """A write that arrives during the cutover waits for it instead of failing at once."""
+    validated_pass(legacy, "pass-1", backup_dir)
+    outcome = {}
+
+    def write_during_cutover():
+        time.sleep(0.05)
+        with psycopg.connect(legacy, autocommit=True) as conn:
+            started = time.monotonic()
+            try:
+                conn.execute("UPDATE account_user SET full_name = 'During' WHERE id = 2")
+                outcome["result"] = "written"
+            except psycopg.errors.ReadOnlySqlTransaction:
+                outcome["result"] = "read-only"
+            outcome["waited"] = time.monotonic() - started
+
+    thread = threading.Thread(target=write_during_cutover)
+    thread.start()
+    cutover(legacy, "pass-1")
+    thread.join(30)
+    assert outcome["result"] in ("read-only", "written")
+    if outcome["result"] == "written":  # it got in before the lock: then the final sync carried it
+        assert migrated(legacy)[2][6] == "During"
+
+
+def test_later_passes_see_the_cutover(legacy, backup_dir):
+    validated_pass(legacy, "pass-1", backup_dir)
+    cutover(legacy, "pass-1")
+    with psycopg.connect(legacy) as conn:
+        assert active_cutover(conn)["run_id"] == "pass-1"
+    with pytest.raises(CutoverRefused, match="already cut over by run 'pass-1'"):
+        validated_pass(legacy, "pass-2", backup_dir)  # the backup still reads; the pass would write
+        cutover(legacy, "pass-2")
+
+
+def test_rollback_carries_back_every_change_made_after_the_cutover(legacy, backup_dir):
+    validated_pass(legacy, "pass-1", backup_dir)
+    cutover(legacy, "pass-1")
+    login = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.UTC)
+    with psycopg.connect(legacy) as conn:  # the application, now on the new table
+        conn.execute(
+            "INSERT INTO account_newuser (id, password, last_login, is_superuser, email, username, full_name, "
+            "date_of_birth, phone_number, is_active, is_staff, joined_at, updated_at) VALUES "
+            "(1000, 'pbkdf2_sha256$600000$new$user=', NULL, false, 'newbie@example.com', 'newbie', 'New Bie', "
+            "'2001-02-03', '+9779841000000', true, false, now(), now())"
+        )
+        conn.execute("UPDATE account_newuser SET password = 'pbkdf2_sha256$changed' WHERE id = 1")
+        conn.execute("UPDATE account_newuser SET last_login = %s WHERE id = 2", (login,))
+        conn.execute("UPDATE account_newuser SET is_active = false, is_staff = true WHERE id = 10")
+        conn.execute("DELETE FROM account_newuser WHERE id = 27")
+    with psycopg.connect(legacy, autocommit=True) as conn:
+        result = carry_back(conn, conn, SETTINGS, "test", "rollback-1")
+    assert (result["inserted"], result["updated"], result["deleted"]) == (1, 3, 1)
+    with psycopg.connect(legacy) as conn:
+        rows = {
+            r[0]: r
+            for r in conn.execute(
+                "SELECT id, password, last_login, is_active, is_staff, email, username, phone_number FROM account_user"
+            ).fetchall()
+        }
+        assert rows[1000][1:] == (
+            "pbkdf2_sha256$600000$new$user=",
+            None,
+            True,
+            False,
+            "newbie@example.com",
+            "newbie",
+            "+9779841000000",
+        )
+        assert rows[1][1] == "pbkdf2_sha256$changed"
+        assert rows[2][2] == login
+        assert rows[10][3:5] == (False, True)
+        assert 27 not in rows
+        # Only changed fields were written back: row 2's padded email stays as the legacy had it.
+        assert rows[2][5] == "  bob@gmail.com "
+        assert conn.execute(
+            "SELECT action, count(*) FROM migration_audit.rollback_rows GROUP BY action ORDER BY action"
+        ).fetchall() == [("delete", 1), ("insert", 1), ("update", 3)]
+        assert active_cutover(conn) is None
+        conn.execute("UPDATE account_user SET full_name = 'Writable Again' WHERE id = 11")
+        conn.commit()
+    # Passes resume and bring the target in line with the legacy table again.
+    run_stages(legacy, legacy, SETTINGS, "pass-2", backup_dir)
+    assert migrated(legacy) == expected_target(legacy, dt.date.today())
+
+
+def test_restore_reproduces_the_legacy_tables_and_refuses_a_tampered_backup(legacy, backup_dir):
+    tables = ("account_user", "account_user_groups", "account_user_user_permissions")
+
+    def dump() -> dict:
+        with psycopg.connect(legacy) as conn:
+            return {t: conn.execute(f"SELECT * FROM {t} ORDER BY id").fetchall() for t in tables}
+
+    original = dump()
+    with psycopg.connect(legacy, autocommit=True) as conn:
+        folder = Path(run_backup(conn, SETTINGS.mapping, backup_dir, "backup-run").folder)
+        conn.execute("DELETE FROM account_user_groups WHERE user_id = 27")
+        conn.execute("UPDATE account_user SET email = 'changed@example.com' WHERE id = 1")
+        conn.execute(
+            "INSERT INTO account_user (password, is_superuser, email, username, full_name, date_of_birth, "
+            "phone_number, is_active, is_staff) VALUES ('x', false, 'late@example.com', 'late', 'Late', "
+            "'1990-01-01', '', true, false)"
+        )
+        assert dump() != original
+        result = restore(conn, conn, SETTINGS, folder)
+    assert result["restored"]["public.account_user"] == len(fx.ROWS)
+    assert dump() == original
+    with psycopg.connect(legacy) as conn:  # the sequence is past the restored ids
+        new_id = conn.execute(
+            "INSERT INTO account_user (password, is_superuser, email, username, full_name, date_of_birth, "
+            "phone_number, is_active, is_staff) VALUES ('x', false, 'next@example.com', 'next', 'Next', "
+            "'1990-01-01', '', true, false) RETURNING id"
+        ).fetchone()[0]
+        assert new_id > max(r[0] for r in original["account_user"])
+        conn.rollback()
+
+    path = folder / "account_user.csv.gz"
+    path.write_bytes(path.read_bytes()[:-10])
+    with psycopg.connect(legacy, autocommit=True) as conn:
+        with pytest.raises(MigrationError, match=r"account_user\.csv\.gz does not match its manifest"):
+            restore(conn, conn, SETTINGS, folder)
+    assert dump() == original
+
+
+def test_writer_lease_keeps_two_runs_apart(legacy):
+    with (
+        psycopg.connect(legacy, autocommit=True) as first,
+        psycopg.connect(legacy, autocommit=True) as second,
+    ):
+        from user_migration.db import ensure_audit_schema
+
+        ensure_audit_schema(first)
+        lease.acquire(first, "run-a", "user_migration", wait_seconds=1, stale_minutes=30)
+        lease.acquire(first, "run-a", "user_migration", wait_seconds=1, stale_minutes=30)  # re-entrant
+        started = time.monotonic()
+        with pytest.raises(MigrationError, match="being written by run 'run-a' of DAG 'user_migration'"):
+            lease.acquire(second, "run-b", "user_migration", wait_seconds=1.5, stale_minutes=30)
+        assert 1.4 < time.monotonic() - started < 5
+        with pytest.raises(MigrationError, match="does not hold the writer lease"):
+            with second.transaction():
+                lease.hold(second, "run-b")
+        lease.release(first, "run-a")
+        lease.acquire(second, "run-b", "user_migration", wait_seconds=1, stale_minutes=30)
+        # A holder that stopped renewing is taken over once stale.
+        second.execute("UPDATE migration_audit.writer_lease SET renewed_at = now() - interval '2 hours'")
+        lease.acquire(first, "run-c", "user_migration", wait_seconds=1, stale_minutes=30)
+        assert first.execute("SELECT run_id FROM migration_audit.writer_lease").fetchone()[0] == "run-c"
