@@ -274,9 +274,11 @@ def test_restore_reproduces_the_legacy_tables_and_refuses_a_tampered_backup(lega
 
     path = folder / "account_user.csv.gz"
     path.write_bytes(path.read_bytes()[:-10])
-    with psycopg.connect(legacy, autocommit=True) as conn:
-        with pytest.raises(MigrationError, match=r"account_user\.csv\.gz does not match its manifest"):
-            restore(conn, conn, SETTINGS, folder)
+    with (
+        psycopg.connect(legacy, autocommit=True) as conn,
+        pytest.raises(MigrationError, match=r"account_user\.csv\.gz does not match its manifest"),
+    ):
+        restore(conn, conn, SETTINGS, folder)
     assert dump() == original
 
 
@@ -294,9 +296,8 @@ def test_writer_lease_keeps_two_runs_apart(legacy):
         with pytest.raises(MigrationError, match="being written by run 'run-a' of DAG 'user_migration'"):
             lease.acquire(second, "run-b", "user_migration", wait_seconds=1.5, stale_minutes=30)
         assert 1.4 < time.monotonic() - started < 5
-        with pytest.raises(MigrationError, match="does not hold the writer lease"):
-            with second.transaction():
-                lease.hold(second, "run-b")
+        with pytest.raises(MigrationError, match="does not hold the writer lease"), second.transaction():
+            lease.hold(second, "run-b")
         lease.release(first, "run-a")
         lease.acquire(second, "run-b", "user_migration", wait_seconds=1, stale_minutes=30)
         # A holder that stopped renewing is taken over once stale.
