@@ -43,8 +43,12 @@ def prepare_run(
         return make_plan(legacy, target, settings, run_id, dt.date.today())["partitions"]
 
 
-def assert_fixture_outcome(target_dsn: str, run_id: str) -> None:
-    """The target holds exactly what tests/fixture_users.py says, row by row, and nothing else."""
+def assert_fixture_outcome(target_dsn: str, run_id: str, fixes_run_id: str | None = None) -> None:
+    """The target holds exactly what tests/fixture_users.py says, row by row, and nothing else.
+
+    Field fixes are recorded by the run that transformed the row: ``fixes_run_id`` names it when
+    ``run_id`` is a later sync pass that found the rows unchanged.
+    """
     legacy_rows = {row[0]: row for row in fx.ROWS}
     snap = snapshot(target_dsn)
     assert [u[0] for u in snap["users"]] == sorted(fx.MIGRATED), "no duplicates, no gaps"
@@ -67,7 +71,7 @@ def assert_fixture_outcome(target_dsn: str, run_id: str) -> None:
             conn.execute(
                 "SELECT source_id, field, original_value, new_value, reason FROM migration_audit.field_fixes "
                 "WHERE run_id = %s",
-                (run_id,),
+                (fixes_run_id or run_id,),
             ).fetchall()
         )
     assert fixes == fx.FIXES
