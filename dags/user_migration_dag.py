@@ -14,6 +14,7 @@ from airflow.sdk import DAG, Param
 
 from user_migration.operators import (
     POOL,
+    CutoverOperator,
     GreatExpectationsValidationOperator,
     LegacyBackupOperator,
     MigrationPlanOperator,
@@ -95,6 +96,42 @@ with DAG(
                 '{"users_table": "users", "columns": {"date_of_birth": "dob", "phone_number": "ph_number"}}.'
             ),
         ),
+        "cutover": Param(
+            False,
+            type="boolean",
+            description=(
+                "After a passing validation: lock the legacy tables, run the final sync, prove equality and "
+                "make the legacy tables read-only. With dry_run it is a rehearsal that changes nothing."
+            ),
+        ),
+        "lock_timeout_ms": Param(
+            3000,
+            type="integer",
+            minimum=10,
+            maximum=600_000,
+            description="Cutover: how long one attempt waits for the legacy tables' lock (application writes pause meanwhile).",
+        ),
+        "cutover_attempts": Param(
+            5,
+            type="integer",
+            minimum=1,
+            maximum=50,
+            description="Cutover: attempts to take the lock, with exponential backoff, before giving up cleanly.",
+        ),
+        "lock_wait_seconds": Param(
+            60,
+            type="integer",
+            minimum=0,
+            maximum=86_400,
+            description="How long a run waits for another run (any deployment) to stop writing the target.",
+        ),
+        "lease_stale_minutes": Param(
+            30,
+            type="integer",
+            minimum=1,
+            maximum=10_080,
+            description="A run that has not shown activity for this long is presumed dead; its writer lease is taken over.",
+        ),
         "legacy_conn_id": Param(
             "legacy_db", type="string", description="Airflow connection of the legacy database."
         ),
@@ -114,6 +151,7 @@ with DAG(
     ).expand(partition=plan.output)
     profiles = ProfileInitOperator(task_id="profiles")
     validate = GreatExpectationsValidationOperator(task_id="validate", retries=0)
+    cutover = CutoverOperator(task_id="cutover", retries=0)
     report = MigrationReportOperator(task_id="report")
 
-    backup >> ddl >> plan >> copy >> profiles >> validate >> report
+    backup >> ddl >> plan >> copy >> profiles >> validate >> cutover >> report

@@ -27,12 +27,19 @@ def airflow_home(scratch_dir: Path) -> Path:
 
 
 def run_dag(
-    airflow_home: Path, legacy: str, backups: Path, tmp_path: Path, target: str | None = None, conf=None
+    airflow_home: Path,
+    legacy: str,
+    backups: Path,
+    tmp_path: Path,
+    target: str | None = None,
+    conf=None,
+    dag_id: str = "user_migration",
 ):
     env = airflow_env(airflow_home, legacy, backups, target_dsn=target)
-    conf = {"max_reject_ratio": 0.5, **(conf or {})}  # the fixture is 41% dirty on purpose
+    if dag_id == "user_migration":
+        conf = {"max_reject_ratio": 0.5, **(conf or {})}  # the fixture is 41% dirty on purpose
     log = tmp_path / f"airflow-{len(list(tmp_path.glob('airflow-*.log')))}.log"
-    done = dags_test(env, conf=conf, log=log)
+    done = dags_test(env, dag_id=dag_id, conf=conf, log=log)
     return done.returncode, log.read_text()
 
 
@@ -85,7 +92,16 @@ def test_dag_migrates_the_fixture_exactly_and_leaves_an_audit_trail(
             (run_id,),
         ).fetchone()
     assert state == "success"
-    assert {t for t, _ in attempts} == {"backup", "ddl", "plan", "copy", "profiles", "validate", "report"}
+    assert {t for t, _ in attempts} == {
+        "backup",
+        "ddl",
+        "plan",
+        "copy",
+        "profiles",
+        "validate",
+        "cutover",
+        "report",
+    }
     assert checks[0] >= 20 and checks[1] is True
     assert summary["source_rows"] == len(fx.ROWS)
     assert (summary["migrated"], summary["rejected"]) == (len(fx.MIGRATED), len(fx.REJECTED))
@@ -174,3 +190,49 @@ def test_too_many_rejects_fail_validation_and_say_by_how_much(airflow_home, lega
         state = conn.execute("SELECT state FROM migration_audit.runs").fetchone()[0]
     assert failed == [("reject_ratio_within_limit",)]
     assert state == "running"  # never marked success: the report task did not run
+
+
+def test_cutover_then_passes_stop_then_rollback_dag_resumes(airflow_home, legacy, backup_dir, tmp_path):
+    code, output = run_dag(airflow_home, legacy, backup_dir, tmp_path, conf={"cutover": True})
+    assert code == 0, output[-4000:]
+    with psycopg.connect(legacy) as conn:
+        cut = conn.execute(
+            "SELECT state, source_rows, target_rows, rejected_rows FROM migration_audit.cutovers"
+        ).fetchone()
+        assert cut == ("active", len(fx.ROWS), len(fx.MIGRATED), len(fx.REJECTED))
+        with pytest.raises(
+            psycopg.errors.ReadOnlySqlTransaction, match="read-only: users moved to account_newuser"
+        ):
+            conn.execute("DELETE FROM account_user WHERE id = 1")
+
+    code, output = run_dag(airflow_home, legacy, backup_dir, tmp_path)
+    assert code == 0, output[-4000:]
+    assert "this pass does nothing" in output
+    with psycopg.connect(legacy) as conn:
+        assert (
+            conn.execute(
+                "SELECT state FROM migration_audit.runs ORDER BY started_at DESC LIMIT 1"
+            ).fetchone()[0]
+            == "skipped_after_cutover"
+        )
+        conn.execute("UPDATE account_newuser SET password = 'pbkdf2_sha256$after-cutover' WHERE id = 1")
+
+    code, output = run_dag(
+        airflow_home, legacy, backup_dir, tmp_path, conf={"confirm": "nope"}, dag_id="user_migration_rollback"
+    )
+    assert code != 0 and "type ROLLBACK in the confirm Param" in output
+    code, output = run_dag(
+        airflow_home,
+        legacy,
+        backup_dir,
+        tmp_path,
+        conf={"confirm": "ROLLBACK"},
+        dag_id="user_migration_rollback",
+    )
+    assert code == 0, output[-4000:]
+    with psycopg.connect(legacy) as conn:
+        assert conn.execute("SELECT password FROM account_user WHERE id = 1").fetchone()[0] == (
+            "pbkdf2_sha256$after-cutover"
+        )
+        assert conn.execute("SELECT state FROM migration_audit.cutovers").fetchone()[0] == "rolled_back"
+        conn.execute("UPDATE account_user SET full_name = 'Writable' WHERE id = 2")

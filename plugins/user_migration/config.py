@@ -172,6 +172,11 @@ class Settings:
     legacy_conn_id: str = "legacy_db"
     target_conn_id: str = "target_db"
     mapping: LegacyMapping = field(default_factory=load_mapping)
+    cutover: bool = False
+    lock_timeout_ms: int = 3000
+    cutover_attempts: int = 5
+    lock_wait_seconds: int = 60
+    lease_stale_minutes: int = 30
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> Settings:
@@ -197,15 +202,22 @@ class Settings:
         ratio = params.get("max_reject_ratio", cls.max_reject_ratio)
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
             raise ConfigError(f"max_reject_ratio must be a number from 0 to 1, got {ratio!r}")
-        dry_run = params.get("dry_run", cls.dry_run)
-        if not isinstance(dry_run, bool):
-            raise ConfigError(f"dry_run must be true or false, got {dry_run!r}")
+        flags = {}
+        for name in ("dry_run", "cutover"):
+            flags[name] = params.get(name, getattr(cls, name))
+            if not isinstance(flags[name], bool):
+                raise ConfigError(f"{name} must be true or false, got {flags[name]!r}")
         return cls(
             batch_size=integer("batch_size", 1, MAX_BATCH_SIZE),
             partitions=integer("partitions", 1, MAX_PARTITIONS),
             phone_region=region,
             invalid_phone=invalid_phone,
-            dry_run=dry_run,
+            dry_run=flags["dry_run"],
+            cutover=flags["cutover"],
+            lock_timeout_ms=integer("lock_timeout_ms", 10, 600_000),
+            cutover_attempts=integer("cutover_attempts", 1, 50),
+            lock_wait_seconds=integer("lock_wait_seconds", 0, 86_400),
+            lease_stale_minutes=integer("lease_stale_minutes", 1, 10_080),
             max_reject_ratio=float(ratio),
             legacy_conn_id=_identifier(params.get("legacy_conn_id", cls.legacy_conn_id), "legacy_conn_id"),
             target_conn_id=_identifier(params.get("target_conn_id", cls.target_conn_id), "target_conn_id"),

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from user_migration.config import ConfigError, Settings, backup_root
 from user_migration.errors import ConnectionProblem, MigrationError, ValidationFailed
@@ -32,11 +32,13 @@ class _MigrationOperator(BaseOperator):
     """Shared shape: settings, connections, audit of the attempt, clean errors."""
 
     ui_color = "#e8f0fe"
+    # Every task but the first checks that its run still holds the target's writer lease.
+    renews_lease = True
 
     def execute(self, context: Any) -> Any:
         import psycopg
 
-        from user_migration import audit
+        from user_migration import audit, lease
         from user_migration.db import ensure_audit_schema, safe_error
         from user_migration.faults import fail_once
         from user_migration.hooks import MigrationDbHook
@@ -61,7 +63,14 @@ class _MigrationOperator(BaseOperator):
             audit.record_attempt(target, run_id, self.task_id, map_index, ti.try_number, "running")
             try:
                 fail_once(self.task_id, ti.try_number)
+                if self.renews_lease:
+                    lease.renew(target, run_id)
                 result = self.run(context, settings, target)
+            except AirflowSkipException as exc:
+                audit.record_attempt(
+                    target, run_id, self.task_id, map_index, ti.try_number, "skipped", str(exc)
+                )
+                raise
             except AirflowFailException as exc:
                 self._record_failure(target, run_id, map_index, ti.try_number, str(exc))
                 raise
@@ -110,17 +119,36 @@ class _MigrationOperator(BaseOperator):
 
 
 class LegacyBackupOperator(_MigrationOperator):
-    """Check the mapping against the legacy tables, then back them up (gzip'd CSV + manifest)."""
+    """Check the mapping against the legacy tables, then back them up (gzip'd CSV + manifest).
+
+    As the first task it takes the target's writer lease, and after a cutover it ends the pass: the
+    whole run is skipped, saying so.
+    """
+
+    renews_lease = False
 
     def run(self, context, settings, target):
-        from user_migration import audit
+        from user_migration import audit, lease
         from user_migration.backup import run_backup
+        from user_migration.cutover import active_cutover
         from user_migration.db import check_legacy_tables
 
         run_id = context["run_id"]
         dag_run = context["dag_run"]
         audit.start_run(
             target, run_id, dag_run.dag_id, context.get("logical_date"), settings.dry_run, settings.public()
+        )
+        cut = active_cutover(target)
+        if cut is not None:
+            message = (
+                f"the migration was cut over by run '{cut['run_id']}' at {cut['cut_at']:%Y-%m-%d %H:%M:%S %Z}; "
+                "this pass does nothing (roll back with the user_migration_rollback DAG to resume passes)"
+            )
+            self.log.info(message)
+            audit.finish_run(target, run_id, "skipped_after_cutover", {"message": message})
+            raise AirflowSkipException(message)
+        lease.acquire(
+            target, run_id, dag_run.dag_id, settings.lock_wait_seconds, settings.lease_stale_minutes
         )
         with self.legacy() as legacy:
             try:
@@ -179,7 +207,9 @@ class PartitionCopyOperator(_MigrationOperator):
         from user_migration.partition_copy import copy_partition
 
         with self.legacy() as legacy:
-            result = copy_partition(legacy, target, settings, context["run_id"], self.partition)
+            result = copy_partition(
+                legacy, target, settings, context["run_id"], self.partition, lease_run_id=context["run_id"]
+            )
         summary = result.as_dict()
         self.log.info(
             "partition %s (ids %s..%s, %s path): %s rows in %s batches, %s migrated (%s new, %s updated, "
@@ -283,7 +313,7 @@ class MigrationReportOperator(_MigrationOperator):
     """Write report.json and report.md beside the backup; return the summary (no personal data)."""
 
     def run(self, context, settings, target):
-        from user_migration import audit
+        from user_migration import audit, lease
         from user_migration.report import PERSONAL_DATA_NOTE, write_report
 
         run_id = context["run_id"]
@@ -308,9 +338,25 @@ class MigrationReportOperator(_MigrationOperator):
             "settings": {k: v for k, v in settings.public().items() if k != "mapping"},
             "personal_data": PERSONAL_DATA_NOTE.format(backup=backup_path),
         }
+        cut = target.execute(
+            "SELECT run_id, state, cut_at, pause_seconds, source_checksum, target_checksum "
+            "FROM migration_audit.cutovers WHERE run_id = %s ORDER BY id DESC LIMIT 1",
+            (run_id,),
+        ).fetchone()
+        summary["cutover"] = (
+            None
+            if cut is None
+            else {
+                "state": cut[1],
+                "cut_at": cut[2].isoformat(),
+                "write_pause_seconds": round(cut[3], 3),
+                "checksums_equal": cut[4] == cut[5],
+            }
+        )
         folder = Path(backup_path) if backup_path else backup_root()
         summary["report_files"] = write_report(folder, summary)
         audit.finish_run(target, run_id, "success", summary)
+        lease.release(target, run_id)
         self.log.info(
             "run %s: %s source rows, %s migrated, %s rejected %s, %s fixed fields; report at %s",
             run_id,
@@ -322,3 +368,74 @@ class MigrationReportOperator(_MigrationOperator):
             summary["report_files"]["markdown"],
         )
         return summary
+
+
+class CutoverOperator(_MigrationOperator):
+    """With Param cutover=true (and a passed validation): lock, final sync, prove, make legacy read-only."""
+
+    def run(self, context, settings, target):
+        from user_migration.cutover import CutoverOptions, run_cutover
+
+        if not settings.cutover:
+            self.log.info("cutover not requested (Param cutover=false): the legacy tables stay in use")
+            return {"requested": False}
+        dag_run = context["dag_run"]
+        as_of = (context.get("logical_date") or dag_run.run_after).date()
+        cut_by = dag_run.triggering_user_name or f"{dag_run.run_type} run"
+        options = CutoverOptions(
+            lock_timeout_ms=settings.lock_timeout_ms,
+            attempts=settings.cutover_attempts,
+            dry_run=settings.dry_run,
+        )
+        same_database = self._legacy_hook.conninfo() == self._target_hook.conninfo()
+        if same_database:
+            result = run_cutover(target, target, settings, context["run_id"], as_of, cut_by, options)
+        else:
+            with self.legacy() as legacy:
+                result = run_cutover(legacy, target, settings, context["run_id"], as_of, cut_by, options)
+        self.log.info(
+            "%s: writes paused %.3f s, %s legacy rows = %s migrated + %s rejected, checksums equal",
+            "cutover rehearsed (dry run, nothing changed)" if settings.dry_run else "cut over",
+            result["write_pause_seconds"],
+            result["source_rows"],
+            result["target_rows"],
+            result["rejected_rows"],
+        )
+        return {"requested": True, **result}
+
+
+class RollbackOperator(_MigrationOperator):
+    """The user_migration_rollback DAG's one job: carry back after a cutover, or restore a backup."""
+
+    renews_lease = False
+
+    def run(self, context, settings, target):
+        from user_migration.backup import run_folder_name
+        from user_migration.rollback import carry_back, restore
+
+        params = context["params"]
+        if params.get("confirm") != "ROLLBACK":
+            raise ConfigError("type ROLLBACK in the confirm Param to roll back; nothing was changed")
+        action = params.get("action")
+        dag_run = context["dag_run"]
+        by = dag_run.triggering_user_name or f"{dag_run.run_type} run"
+        same_database = self._legacy_hook.conninfo() == self._target_hook.conninfo()
+        if action == "carry_back":
+            if same_database:
+                result = carry_back(target, target, settings, by, context["run_id"])
+            else:
+                with self.legacy() as legacy:
+                    result = carry_back(legacy, target, settings, by, context["run_id"])
+        elif action == "restore":
+            backup_run = params.get("backup_run_id") or ""
+            if not backup_run:
+                raise ConfigError("backup_run_id is required to restore: the run id whose backup to reload")
+            folder = backup_root() / run_folder_name(backup_run)
+            if not folder.is_dir():
+                raise ConfigError(f"no backup folder {folder} for run {backup_run!r}")
+            with self.legacy() as legacy:
+                result = restore(legacy, target, settings, folder)
+        else:
+            raise ConfigError(f"action must be carry_back or restore, got {action!r}")
+        self.log.info("rollback %s done: %s", action, result)
+        return {"action": action, **result}

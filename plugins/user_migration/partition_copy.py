@@ -31,6 +31,7 @@ from psycopg.types.json import Jsonb
 from user_migration.config import FIELDS, LegacyMapping, LinkTable, Settings
 from user_migration.db import MigrationError, legacy_select_list, read_sql, safe_error, users_table
 from user_migration.faults import kill_after_batch
+from user_migration.lease import hold as hold_lease
 from user_migration.transforms import (
     DUPLICATE_EMAIL,
     DUPLICATE_USERNAME,
@@ -151,12 +152,16 @@ def copy_partition(
     run_id: str,
     partition: dict[str, Any],
     own_snapshot: bool = True,
+    lease_run_id: str | None = None,
 ) -> PartitionResult:
     """Move one partition; safe to retry or re-run. Raises MigrationError without row values.
 
     With ``own_snapshot=False`` the caller holds the source transaction (the cutover, under its
-    lock); source and target may then be one connection.
+    lock); source and target may then be one connection. With ``lease_run_id`` the partition's
+    transaction holds the writer lease of that run (see lease.py) until it commits.
     """
+    if lease_run_id:
+        partition = {**partition, "lease_run_id": lease_run_id}
     if own_snapshot:
         _mark(target, run_id, partition, "running", None)
     try:
@@ -225,6 +230,8 @@ def _copy(
     id_column = sql.Identifier(mapping.column("id"))
 
     with target.transaction():
+        if partition.get("lease_run_id"):
+            hold_lease(target, partition["lease_run_id"])
         losers = {
             source_id: (reason, kept_id)
             for source_id, reason, kept_id in target.execute(

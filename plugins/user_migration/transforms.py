@@ -43,6 +43,7 @@ REJECT_REASONS = (
 # Field-fix reasons: a value that moves, but not exactly as it was, is recorded with its original.
 PHONE_UNPARSEABLE = "phone_unparseable"
 PHONE_INVALID = "phone_invalid"
+PHONE_EXTENSION_DROPPED = "phone_extension_dropped"
 EMAIL_NORMALIZED = "email_normalized"
 NAME_TRIMMED = "full_name_trimmed"
 
@@ -119,15 +120,28 @@ def clean_email(raw: str | None) -> str:
 
 
 def _email_problem(message: str) -> str:
+    """A short label for email-validator's message (which may quote the address, so it is not kept).
+
+    Most of its messages mention "the @-sign", so the specific needles come first.
+    """
     lowered = message.lower()
     for needle, label in (
-        ("@-sign", "no single @"),
+        ("must have an @-sign", "no single @"),
         ("too long", "too long"),
-        ("period", "misplaced dot"),
-        ("domain name", "bad domain"),
-        ("not valid", "invalid characters"),
-        ("character", "invalid characters"),
+        ("too many", "too long"),
         ("special-use", "reserved domain"),
+        ("bracketed", "domain literal"),
+        ("quoting", "quoted local part"),
+        ("should have a period", "domain without a dot"),
+        ("period", "misplaced dot"),
+        ("character", "invalid characters"),
+        ("something before", "empty local part"),
+        ("something after", "empty domain"),
+        ("hyphen", "bad domain"),
+        ("after the @-sign", "bad domain"),
+        ("domain name", "bad domain"),
+        ("before the @-sign", "bad local part"),
+        ("@-sign", "no single @"),
     ):
         if needle in lowered:
             return label
@@ -135,14 +149,23 @@ def _email_problem(message: str) -> str:
 
 
 def email_key(cleaned_email: str) -> str:
-    """What two emails must share to be one mailbox: compared case-insensitively after cleaning."""
-    return cleaned_email.lower()
+    """What two emails must share to be one mailbox: compared case-insensitively after cleaning.
+
+    The target's unique index is on PostgreSQL's lower(email), whose mapping depends on the
+    database's collation: libc and the builtin C.UTF-8 provider map one character to one (İ to i, a
+    final Σ to σ), while Python, ICU and PG_UNICODE_FAST apply full case mapping (İ to i + U+0307, a
+    final Σ to ς). The key folds both ways, so two addresses that any of them lowercases alike share
+    a key and the plan rejects the later one, instead of the index refusing the whole partition.
+    """
+    return cleaned_email.lower().replace("i\u0307", "i").replace("ς", "σ")
 
 
 def to_e164(raw: str | None, region: str) -> tuple[str, str | None]:
     """(E.164 number or "", None) for a valid or blank phone; ("", fix reason) for one that is not.
 
-    Numbers without a country prefix are read as numbers of ``region``.
+    Numbers without a country prefix are read as numbers of ``region``. A valid number with an
+    extension gives (E.164 number, PHONE_EXTENSION_DROPPED): E.164 has no room for the extension,
+    so the caller records the original value rather than losing it silently.
     """
     if raw is None or not raw.strip():
         return "", None
@@ -152,7 +175,8 @@ def to_e164(raw: str | None, region: str) -> tuple[str, str | None]:
         return "", PHONE_UNPARSEABLE
     if not phonenumbers.is_valid_number(number):
         return "", PHONE_INVALID
-    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), None
+    e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    return e164, PHONE_EXTENSION_DROPPED if number.extension else None
 
 
 class Transformer:
@@ -200,7 +224,9 @@ class Transformer:
                 )
         phone, problem = to_e164(row.phone_number, self.phone_region)
         fixes: list[FieldFix] = []
-        if problem:
+        if problem == PHONE_EXTENSION_DROPPED:
+            fixes.append(FieldFix("phone_number", row.phone_number, phone, problem))
+        elif problem:
             if self.reject_invalid_phone:
                 return (
                     None,

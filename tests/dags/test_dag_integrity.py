@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+NO_RETRY = {"validate", "cutover", "rollback"}
 HEAVY = ("psycopg", "great_expectations", "pandas", "phonenumbers", "email_validator", "faker")
 
 PROBE = r"""
@@ -71,7 +72,7 @@ def parsed(tmp_path_factory) -> dict:
 
 def test_no_import_errors(parsed):
     assert parsed["errors"] == {}
-    assert set(parsed["dags"]) >= {"user_migration"}
+    assert set(parsed["dags"]) >= {"user_migration", "user_migration_rollback"}
 
 
 def test_parsing_imports_no_driver_or_heavy_library(parsed):
@@ -80,7 +81,7 @@ def test_parsing_imports_no_driver_or_heavy_library(parsed):
 
 def test_user_migration_wiring_reads_like_the_process(parsed):
     tasks = parsed["dags"]["user_migration"]["tasks"]
-    order = ["backup", "ddl", "plan", "copy", "profiles", "validate", "report"]
+    order = ["backup", "ddl", "plan", "copy", "profiles", "validate", "cutover", "report"]
     for upstream, downstream in pairwise(order):
         assert tasks[upstream]["downstream"] == [downstream]
     assert tasks["copy"]["mapped"] is True
@@ -91,8 +92,9 @@ def test_every_task_retries_uses_the_pool_and_has_an_owner(parsed):
         for task_id, task in dag["tasks"].items():
             assert task["pool"] == "user_migration_db", task_id
             assert task["owner"] and task["owner"] != "airflow", task_id
-            # validate deliberately does not retry: a failed check is not transient.
-            assert task["retries"] >= (0 if task_id == "validate" else 1), task_id
+            # These deliberately do not retry: a failed check, a refused cutover or a manual rollback
+            # is not transient, and retrying them would only repeat the refusal or act twice.
+            assert task["retries"] >= (0 if task_id in NO_RETRY else 1), task_id
 
 
 def test_dag_has_tags_docs_and_one_active_run(parsed):

@@ -1,0 +1,59 @@
+"""user_migration_rollback: undo a cutover, or restore the legacy tables from a backup. Manual only."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from airflow.sdk import DAG, Param
+
+from user_migration.operators import POOL, RollbackOperator
+
+with DAG(
+    dag_id="user_migration_rollback",
+    description="Undo the user migration's cutover, or restore the legacy tables from a verified backup",
+    doc_md="""
+# user_migration_rollback
+
+Triggered by hand; type `ROLLBACK` in **confirm**.
+
+- **carry_back** (after a cutover): makes the legacy tables writable again and carries every change
+  made in the new tables since the cutover back into them (new users, changed passwords,
+  last_login, flags and other fields, deleted users). Each carried-back row is recorded in
+  `migration_audit.rollback_rows`; the cutover is marked rolled back and sync passes resume.
+- **restore**: reloads the legacy tables from the backup of run **backup_run_id**, refusing unless
+  every file matches the sha256 in its manifest. Files are loaded into new tables first, then
+  swapped in, in one transaction.
+""",
+    schedule=None,
+    start_date=dt.datetime(2025, 1, 1, tzinfo=dt.UTC),
+    catchup=False,
+    max_active_runs=1,
+    tags=["migration", "users", "postgres", "rollback"],
+    default_args={"owner": "data-platform", "retries": 0, "pool": POOL},
+    params={
+        "confirm": Param(
+            "", type="string", description="Type ROLLBACK to confirm; anything else changes nothing."
+        ),
+        "action": Param(
+            "carry_back",
+            type="string",
+            enum=["carry_back", "restore"],
+            description="carry_back: undo the cutover keeping every change since; restore: reload a backup.",
+        ),
+        "backup_run_id": Param(
+            "",
+            type="string",
+            description="restore only: the run id whose backup folder under USER_MIGRATION_BACKUP_DIR to reload.",
+        ),
+        "legacy_mapping": Param({}, type="object", description="The same legacy_mapping the migration used."),
+        "legacy_conn_id": Param(
+            "legacy_db", type="string", description="Airflow connection of the legacy database."
+        ),
+        "target_conn_id": Param(
+            "target_db",
+            type="string",
+            description="Airflow connection of the target database; the legacy one when it is not defined.",
+        ),
+    },
+) as dag:
+    RollbackOperator(task_id="rollback")
