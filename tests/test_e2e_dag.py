@@ -13,6 +13,7 @@ import fixture_users as fx
 import psycopg
 import pytest
 from airflow_env import airflow_env, dags_test, prepare_metadata
+from conftest import uri_for
 from pipeline import rejects, snapshot
 
 pytestmark = pytest.mark.e2e
@@ -161,14 +162,19 @@ def test_dry_run_writes_nothing_to_target_tables(airflow_home, legacy, backup_di
     assert (summary["migrated"], summary["rejected"]) == (len(fx.MIGRATED), len(fx.REJECTED))
 
 
-def test_unreachable_database_fails_with_one_clear_sentence(airflow_home, backup_dir, tmp_path):
-    code, output = run_dag(
-        airflow_home, "postgresql://someone:hunter2@127.0.0.1:1/nothing", backup_dir, tmp_path
-    )
+def test_wrong_database_fails_at_once_with_one_clear_sentence(airflow_home, pg_server, backup_dir, tmp_path):
+    wrong = uri_for(pg_server, "no_such_database").replace("postgres@", "postgres:hunter2@")
+    code, output = run_dag(airflow_home, wrong, backup_dir, tmp_path)
     assert code != 0
     assert "cannot connect to the database of connection 'target_db'" not in output  # falls back to legacy_db
-    assert "cannot connect to the database of connection 'legacy_db'" in output
+    assert (
+        "cannot connect to the database of connection 'legacy_db': "
+        'database "no_such_database" does not exist. Check that connection\'s host, port, user, password and '
+        "database." in output
+    )
     assert "hunter2" not in output
+    # A wrong database is not transient: no retries were spent on it.
+    assert "up_for_retry" not in output.lower() and "UP_FOR_RETRY" not in output
 
 
 def test_bad_param_is_refused_before_anything_runs(airflow_home, legacy, backup_dir, tmp_path):
@@ -189,7 +195,7 @@ def test_too_many_rejects_fail_validation_and_say_by_how_much(airflow_home, lega
         ).fetchall()
         state = conn.execute("SELECT state FROM migration_audit.runs").fetchone()[0]
     assert failed == [("reject_ratio_within_limit",)]
-    assert state == "running"  # never marked success: the report task did not run
+    assert state == "failed"  # recorded as failed, and its writer lease released
 
 
 def test_cutover_then_passes_stop_then_rollback_dag_resumes(airflow_home, legacy, backup_dir, tmp_path):

@@ -31,9 +31,15 @@ def connect(conninfo: str, *, name: str, autocommit: bool = False) -> psycopg.Co
             connect_timeout=10,
         )
     except psycopg.OperationalError as exc:
+        cause = first_line(exc)
+        permanent = any(
+            marker in cause
+            for marker in ("password authentication failed", "does not exist", "no pg_hba.conf entry", "SSL")
+        )
         raise ConnectionProblem(
-            f"cannot connect to the database of connection '{name}': {first_line(exc)}. "
-            f"Check that connection's host, port, user, password and database."
+            f"cannot connect to the database of connection '{name}': {cause}. "
+            f"Check that connection's host, port, user, password and database.",
+            permanent=permanent,
         ) from None
 
 
@@ -42,7 +48,13 @@ def first_line(exc: BaseException) -> str:
     if isinstance(exc, psycopg.Error) and exc.diag and exc.diag.message_primary:
         return exc.diag.message_primary.strip()
     text = str(exc).strip()
-    return text.splitlines()[-1].strip() if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    line = text.splitlines()[-1].strip()
+    # libpq: 'connection failed: connection to server at "h", port p failed: FATAL:  <the reason>'
+    if "FATAL:" in line:
+        line = line.split("FATAL:", 1)[1]
+    return " ".join(line.split())
 
 
 def safe_error(exc: BaseException) -> str:

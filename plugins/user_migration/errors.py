@@ -6,7 +6,15 @@ class MigrationError(RuntimeError):
 
 
 class ConnectionProblem(MigrationError):
-    """A connection cannot be made; the message names the connection and the cause."""
+    """A connection cannot be made; the message names the connection and the cause.
+
+    ``permanent`` problems (unknown connection, wrong password, missing role or database) fail the
+    task at once; others (refused, timed out) may be a restart in progress and are retried.
+    """
+
+    def __init__(self, message: str, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class ValidationFailed(MigrationError):

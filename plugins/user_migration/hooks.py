@@ -40,7 +40,8 @@ class MigrationDbHook(BaseHook):
                     raise ConnectionProblem(
                         f"Airflow connection '{self.conn_id}' is not defined: set "
                         f"AIRFLOW_CONN_{self.conn_id.upper()}=postgresql://user:password@host:5432/database "
-                        "or add it under Admin > Connections"
+                        "or add it under Admin > Connections",
+                        permanent=True,
                     ) from None
                 self.log.info("connection %r is not defined; using %r", self.conn_id, self.fallback_conn_id)
                 self.conn_id = self.fallback_conn_id
@@ -49,7 +50,8 @@ class MigrationDbHook(BaseHook):
             if conn.conn_type not in ("postgres", "postgresql", None, ""):
                 raise ConnectionProblem(
                     f"Airflow connection '{self.conn_id}' is of type {conn.conn_type!r}; it must be a PostgreSQL "
-                    "connection (postgresql://...)"
+                    "connection (postgresql://...)",
+                    permanent=True,
                 )
             extras = conn.extra_dejson or {}
             params = {

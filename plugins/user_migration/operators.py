@@ -57,6 +57,8 @@ class _MigrationOperator(BaseOperator):
         try:
             target = self._target_hook.get_conn(autocommit=True)
         except ConnectionProblem as exc:
+            if exc.permanent:
+                raise AirflowFailException(str(exc)) from None
             raise MigrationError(str(exc)) from None
         try:
             ensure_audit_schema(target)
@@ -72,14 +74,15 @@ class _MigrationOperator(BaseOperator):
                 )
                 raise
             except AirflowFailException as exc:
-                self._record_failure(target, run_id, map_index, ti.try_number, str(exc))
+                self._record_failure(target, run_id, map_index, ti.try_number, str(exc), final=True)
                 raise
             except (ConfigError, ValidationFailed) as exc:
-                self._record_failure(target, run_id, map_index, ti.try_number, str(exc))
+                self._record_failure(target, run_id, map_index, ti.try_number, str(exc), final=True)
                 raise AirflowFailException(str(exc)) from None
             except Exception as exc:
                 message = safe_error(exc)
-                self._record_failure(target, run_id, map_index, ti.try_number, message)
+                final = (ti.try_number or 1) > (getattr(ti, "max_tries", 0) or 0)
+                self._record_failure(target, run_id, map_index, ti.try_number, message, final=final)
                 if isinstance(exc, psycopg.Error):
                     # Driver messages can quote row values (DETAIL, CONTEXT): never let them reach the log.
                     raise MigrationError(f"{self.task_id} failed: {message}") from None
@@ -90,16 +93,20 @@ class _MigrationOperator(BaseOperator):
             target.close()
 
     def _record_failure(
-        self, target: psycopg.Connection, run_id: str, map_index: int, try_number, message
+        self, target: psycopg.Connection, run_id: str, map_index: int, try_number, message, final: bool
     ) -> None:
+        """Record the failed attempt; when no retry follows, give up the writer lease and say so."""
         import psycopg
 
-        from user_migration import audit
+        from user_migration import audit, lease
 
         try:
             if target.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                 target.rollback()
             audit.record_attempt(target, run_id, self.task_id, map_index, try_number, "failed", message)
+            if final:
+                lease.release(target, run_id)
+                audit.finish_run(target, run_id, "failed", {"failed_task": self.task_id, "error": message})
         except psycopg.Error:
             self.log.warning("could not record the failed attempt in migration_audit (connection lost)")
 
@@ -108,6 +115,8 @@ class _MigrationOperator(BaseOperator):
         try:
             conn = self._legacy_hook.get_conn(autocommit=True)
         except ConnectionProblem as exc:
+            if exc.permanent:
+                raise AirflowFailException(str(exc)) from None
             raise MigrationError(str(exc)) from None
         try:
             yield conn
