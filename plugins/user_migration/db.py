@@ -50,8 +50,9 @@ def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     if not text:
         return type(exc).__name__
-    line = text.splitlines()[-1].strip()
-    # libpq: 'connection failed: connection to server at "h", port p failed: FATAL:  <the reason>'
+    # libpq: 'connection failed: connection to server at "h", port p failed: <cause>' then, for a
+    # refused connection, a hint line; for a server-side refusal the cause is 'FATAL:  <reason>'.
+    line = text.splitlines()[0].strip().removeprefix("connection failed:").strip()
     if "FATAL:" in line:
         line = line.split("FATAL:", 1)[1]
     return " ".join(line.split())
@@ -144,4 +145,41 @@ def check_legacy_tables(conn: psycopg.Connection, mapping: LegacyMapping, conn_i
             raise MigrationError(
                 f"legacy table {mapping.schema}.{table!r} has no column(s) {', '.join(repr(m) for m in missing)}; "
                 f"map them in legacy_mapping (columns, or the link table's columns) to the real names"
+            )
+    _check_column_types(conn, mapping)
+
+
+# The PostgreSQL types each canonical field may have in a legacy table.
+_INTEGER = {"smallint", "integer", "bigint"}
+_TEXT = {"text", "character varying", "character"}
+FIELD_TYPES = {
+    "id": _INTEGER,
+    "password": _TEXT,
+    "last_login": {"timestamp with time zone", "timestamp without time zone"},
+    "is_superuser": {"boolean"},
+    "email": _TEXT,
+    "username": _TEXT,
+    "full_name": _TEXT,
+    "date_of_birth": {"date"},
+    "phone_number": _TEXT,
+    "is_active": {"boolean"},
+    "is_staff": {"boolean"},
+}
+
+
+def _check_column_types(conn: psycopg.Connection, mapping: LegacyMapping) -> None:
+    """A mapped column of the wrong type would fail deep inside the copy; refuse it up front."""
+    types = dict(
+        conn.execute(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = %s AND table_name = %s",
+            (mapping.schema, mapping.users_table),
+        ).fetchall()
+    )
+    for name, allowed in FIELD_TYPES.items():
+        column = mapping.column(name)
+        if column is not None and types.get(column) not in allowed:
+            raise MigrationError(
+                f"legacy column {mapping.users_table}.{column} (field {name}) has type {types.get(column)}; "
+                f"it must be {' or '.join(sorted(allowed))}. Convert it in a view and map the view with "
+                "legacy_mapping.users_table"
             )
