@@ -171,3 +171,61 @@ def test_reject_detail_never_contains_the_value():
         _, reject, _ = Transformer("NP", "reject", today=TODAY).transform(row(**changes))
         value = next(iter(changes.values()))
         assert value not in reject.detail
+
+
+def _outcome(fn, raw):
+    try:
+        return ("ok", fn(raw))
+    except InvalidValue:
+        return ("invalid", None)
+
+
+EDGE_EMAILS = [
+    "a" * 64 + "@example.com",
+    "a" * 65 + "@example.com",
+    "a@" + "b" * 63 + ".com",
+    "a@" + "b" * 64 + ".com",
+    "a" * 60 + "@" + ".".join(["b" * 60] * 3) + ".com",
+    "x@localhost",
+    "x@mail.test",
+    "x@-bad.com",
+    "x@bad-.com",
+    "x@xn--bcher-kva.de",
+    "x@1.2.3.4",
+    "x@b",
+    "x@.com",
+    "x@com.",
+    "x@exa_mple.com",
+    ".x@example.com",
+    "x.@example.com",
+    "x..y@example.com",
+    "{x}|~@example.com",
+    "x@EXAMPLE.COM",
+    "x@sub.Example.Org",
+    "x@example.c",
+    "x@example.123",
+]
+
+
+def test_fast_email_path_agrees_with_email_validator():
+    """The cached fast path must accept, refuse and clean exactly as email-validator does."""
+    import random
+
+    from user_migration.transforms import _clean_email_fully
+
+    rng = random.Random(7)
+    alphabet = "abcXYZ019.-_+@!#$%&'*/=?^`{|}~ \u00e9"
+    samples = list(EDGE_EMAILS)
+    for _ in range(20_000):
+        local = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
+        domain = "".join(rng.choice("abcXY01.-") for _ in range(rng.randint(0, 10)))
+        tld = rng.choice(["com", "org", "io", "c", "test", "local", "123", ""])
+        samples.append(f"{local}@{domain}.{tld}" if tld else f"{local}@{domain}")
+    fast_accepted = 0
+    for raw in samples:
+        expected = (
+            _outcome(lambda r: _clean_email_fully(r.strip()), raw) if raw.strip() else ("invalid", None)
+        )
+        assert _outcome(clean_email, raw) == expected, raw
+        fast_accepted += expected[0] == "ok"
+    assert fast_accepted > 500  # the sample exercises the accepting side, not only refusals

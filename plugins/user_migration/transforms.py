@@ -8,7 +8,9 @@ or one reject with a reason; the first failing check names the reason, in the or
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 import phonenumbers
@@ -110,6 +112,40 @@ def clean_email(raw: str | None) -> str:
     if raw is None or not raw.strip():
         raise InvalidValue("email is empty")
     email = raw.strip()
+    local, at, domain = email.rpartition("@")
+    if (
+        at
+        and len(email) <= 254
+        and len(local) <= 64
+        and _PLAIN_LOCAL.match(local)
+        and _PLAIN_DOMAIN.match(domain)
+    ):
+        # Fast path for the usual address: a plain dot-atom local part (which email-validator
+        # accepts as is) and an ASCII domain, whose verdict from email-validator is cached: most
+        # users share a few domains. tests/test_transforms.py checks it agrees with the full path.
+        domain = domain.lower()
+        problem = _domain_problem(domain)
+        if problem:
+            raise InvalidValue(f"email is not a valid address ({problem})")
+        return f"{local}@{domain}"
+    return _clean_email_fully(email)
+
+
+_ATEXT = "A-Za-z0-9!#$%&'*+/=?^_`{|}~-"
+_PLAIN_LOCAL = re.compile(f"[{_ATEXT}]+(?:\\.[{_ATEXT}]+)*\\Z")
+_PLAIN_DOMAIN = re.compile(r"[A-Za-z0-9.-]+\Z")
+
+
+@lru_cache(maxsize=65536)
+def _domain_problem(domain: str) -> str | None:
+    try:
+        validate_email(f"a@{domain}", check_deliverability=False)
+    except EmailNotValidError as exc:
+        return _email_problem(str(exc))
+    return None
+
+
+def _clean_email_fully(email: str) -> str:
     try:
         validate_email(email, check_deliverability=False)
     except EmailNotValidError as exc:
