@@ -16,7 +16,7 @@ from user_migration import audit
 from user_migration.backup import run_backup
 from user_migration.config import Settings
 from user_migration.db import check_legacy_tables, ensure_audit_schema
-from user_migration.finalize import init_profiles
+from user_migration.finalize import finalize_target
 from user_migration.partition_copy import copy_partition
 from user_migration.plan import make_plan
 from user_migration.schema import apply_schema
@@ -50,7 +50,7 @@ def run_stages(
         for index in order:
             copy_partition(legacy, target, settings, run_id, partitions[index])
         if not settings.dry_run:
-            init_profiles(target)
+            finalize_target(legacy, target, settings)
         result = audit.reconcile(target, run_id)
         result["backup_folder"] = backup.folder
         result["partition_list"] = partitions

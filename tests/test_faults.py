@@ -33,7 +33,7 @@ from user_migration.backup import MANIFEST, verify_backup
 from user_migration.config import Settings
 from user_migration.errors import MigrationError
 from user_migration.faults import KILL_AT_BATCH_ENV
-from user_migration.finalize import init_profiles
+from user_migration.finalize import finalize_target
 from user_migration.partition_copy import copy_partition
 
 pytestmark = pytest.mark.faults
@@ -102,7 +102,7 @@ def finish_run(dsn: str, settings: Settings, partitions: list[dict], skip: int |
         for partition in partitions:
             if partition["partition_no"] != skip:
                 copy_partition(source, target, settings, RUN, partition)
-        init_profiles(target)
+        finalize_target(source, target, settings)
 
 
 CHILD = textwrap.dedent(

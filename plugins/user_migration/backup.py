@@ -16,6 +16,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,9 @@ from user_migration.db import MigrationError
 
 MANIFEST = "manifest.json"
 GZIP_LEVEL = 1  # speed over size: the backup must keep pace with COPY (>1M rows/s)
+WRITE_CHUNK = 4 << 20  # bytes of CSV per gzip member
+COMPRESS_THREADS = max(2, min(4, os.cpu_count() or 2))
+COMPRESS_AHEAD = 2 * COMPRESS_THREADS
 
 
 @dataclass(frozen=True)
@@ -81,17 +86,37 @@ def _open_private(path: Path):
 
 
 def _dump_table(cur: psycopg.Cursor, table: sql.Identifier, path: Path) -> tuple[int, str, int]:
-    """Stream one COPY into ``path``; returns (rows, sha256, bytes)."""
+    """Stream one COPY into ``path``; returns (rows, sha256, bytes).
+
+    Deflate is the slow part (about 65 MB/s per core here, where reading the COPY runs at 140 MB/s),
+    so chunks of the stream are compressed on worker threads (zlib releases the GIL) and written in
+    order as consecutive gzip members: one valid .gz file that gzip, zcat and Python read whole.
+    At most COMPRESS_AHEAD chunks are held, so memory stays bounded whatever the table's size.
+    """
     tmp = path.with_name(path.name + ".partial")
-    with _open_private(tmp) as raw:
+    copy_out = sql.SQL("COPY {} TO STDOUT WITH (FORMAT csv, HEADER true)").format(table)
+    with _open_private(tmp) as raw, ThreadPoolExecutor(COMPRESS_THREADS) as pool:
         hashing = _HashingWriter(raw)
-        copy_out = sql.SQL("COPY {} TO STDOUT WITH (FORMAT csv, HEADER true)").format(table)
-        with (
-            gzip.GzipFile(filename="", mode="wb", fileobj=hashing, compresslevel=GZIP_LEVEL, mtime=0) as gz,
-            cur.copy(copy_out) as copy,
-        ):
+        pending: deque[Future[bytes]] = deque()
+
+        def compress(chunk: bytearray) -> None:
+            pending.append(pool.submit(gzip.compress, chunk, GZIP_LEVEL, mtime=0))
+            while len(pending) > COMPRESS_AHEAD:
+                hashing.write(pending.popleft().result())
+
+        # COPY sends one message per row: gathering them into large chunks keeps the per-call cost
+        # of compression (a CRC and a deflate call) off every row.
+        buffer = bytearray()
+        with cur.copy(copy_out) as copy:
             for block in copy:
-                gz.write(block)
+                buffer += block
+                if len(buffer) >= WRITE_CHUNK:
+                    compress(buffer)
+                    buffer = bytearray()
+        if buffer or not pending:
+            compress(buffer)
+        while pending:
+            hashing.write(pending.popleft().result())
         raw.flush()
         os.fsync(raw.fileno())
     os.replace(tmp, path)

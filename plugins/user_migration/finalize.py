@@ -1,4 +1,4 @@
-"""After the copy: profiles for migrated users and id sequences moved past the copied ids."""
+"""After the copy: deferred indexes built, profiles for migrated users, id sequences past the copied ids."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import datetime as dt
 
 import psycopg
 
+from user_migration import deferred_indexes
+from user_migration.config import Settings
 from user_migration.db import read_sql
 
 
@@ -17,3 +19,11 @@ def init_profiles(target: psycopg.Connection) -> dict[str, object]:
         sequences = dict(target.execute(read_sql("finalize/advance_sequences.sql")).fetchall())
         profiles = target.execute("SELECT count(*) FROM account_profile").fetchone()[0]
     return {"profiles_created": created, "profiles_total": profiles, "sequences": sequences}
+
+
+def finalize_target(
+    source: psycopg.Connection, target: psycopg.Connection, settings: Settings
+) -> dict[str, object]:
+    """The step after every partition has copied: indexes a first load deferred, then profiles."""
+    indexes = deferred_indexes.build(source, target, settings)
+    return {"indexes": indexes, **init_profiles(target)}

@@ -243,15 +243,25 @@ class PartitionCopyOperator(_MigrationOperator):
 
 
 class ProfileInitOperator(_MigrationOperator):
-    """One account_profile per migrated user; id sequences past the copied ids."""
+    """Indexes a first load deferred; one account_profile per migrated user; sequences past the copied ids."""
 
     def run(self, context, settings, target):
-        from user_migration.finalize import init_profiles
+        from user_migration.finalize import finalize_target
 
         if settings.dry_run:
             self.log.info("dry run: no profiles created")
             return {"dry_run": True}
-        result = init_profiles(target)
+        with self.legacy() as legacy:
+            result = finalize_target(legacy, target, settings)
+        indexes = result["indexes"]
+        if indexes["built"]:
+            self.log.info("indexes built after the first load: %s", ", ".join(indexes["built"]))
+        if indexes["settled"]:
+            self.log.warning(
+                "rows that took a key another row holds (changed in the legacy table during the pass), "
+                "rejected and decided again next pass: %s",
+                indexes["settled"],
+            )
         self.log.info("profiles created: %s (total %s)", result["profiles_created"], result["profiles_total"])
         return result
 

@@ -16,6 +16,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from user_migration import deferred_indexes
 from user_migration.config import LegacyMapping, Settings
 from user_migration.db import legacy_select_list, read_sql, users_table
 from user_migration.transforms import (
@@ -124,6 +125,8 @@ def make_plan(
     """
     mapping = settings.mapping
     transformer = Transformer(settings.phone_region, settings.invalid_phone, today=as_of)
+    if not settings.dry_run:
+        deferred_indexes.build(source, target, settings)  # left by a run that failed before its build
     with source.transaction():
         if own_snapshot:
             source.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -169,4 +172,10 @@ def make_plan(
         ):
             for dup in duplicates:
                 copy.write_row((run_id, dup.source_id, dup.reason, dup.kept_id))
-    return {"source_rows": count, "duplicates": len(duplicates), "partitions": partitions}
+        deferred = deferred_indexes.defer(target, run_id) if initial_load and own_snapshot and count else []
+    return {
+        "source_rows": count,
+        "duplicates": len(duplicates),
+        "partitions": partitions,
+        "deferred_indexes": deferred,
+    }

@@ -173,3 +173,13 @@ CREATE TABLE IF NOT EXISTS migration_audit.rollback_rows (
     at           timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (cutover_id, source_id, action)
 );
+
+-- Secondary indexes of account_newuser dropped for a first load and not built again yet (see
+-- deferred_indexes.py): the finalize step, or the next plan, builds them from these definitions.
+CREATE TABLE IF NOT EXISTS migration_audit.deferred_indexes (
+    index_name  text PRIMARY KEY,
+    definition  text NOT NULL,
+    is_unique   boolean NOT NULL,
+    run_id      text NOT NULL,
+    deferred_at timestamptz NOT NULL DEFAULT now()
+);
