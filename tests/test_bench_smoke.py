@@ -1,0 +1,94 @@
+"""tools/bench.py end to end on 20,000 generated users, against a private embedded server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import embedded_pg
+import psycopg
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ROWS = 20_000
+STAGES = ("backup", "ddl", "plan", "copy", "indexes", "profiles", "validate")
+
+
+@pytest.fixture(scope="module")
+def bench_server() -> Iterator[str]:
+    # A short path: the server's Unix socket lives in its data folder.
+    base = Path(tempfile.mkdtemp(prefix="umb-", dir="/tmp"))
+    try:
+        yield embedded_pg.start(base)
+    finally:
+        embedded_pg.stop(base)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_bench_runs_every_stage_and_reconciles(bench_server: str, tmp_path: Path) -> None:
+    results, backups = tmp_path / "results", tmp_path / "backups"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "bench.py"),
+            "--rows",
+            str(ROWS),
+            "--dsn",
+            bench_server,
+            "--results-dir",
+            str(results),
+            "--backup-dir",
+            str(backups),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = results.glob(f"bench-{ROWS}-*.json")
+    report = json.loads(path.read_text())
+
+    assert report["rows"] == ROWS
+    assert report["seed"]["counts"]["account_user"] == ROWS
+    assert 0.03 < report["seed"]["dirty_rows"] / ROWS < 0.15
+    stages = {s["stage"]: s for s in report["stages"]}
+    assert tuple(stages) == STAGES
+    for name, stage in stages.items():
+        assert stage["rows"] == ROWS, name
+        assert stage["seconds"] > 0, name
+        assert stage["rss_peak_mb"] > 0, name
+    assert len(stages["copy"]["partitions"]) == 2
+    # The first load ran without the secondary indexes and built all four afterwards.
+    assert len(report["stage_results"]["indexes"]["built"]) == 4
+    assert report["stage_results"]["plan"]["deferred_indexes"] == sorted(
+        report["stage_results"]["indexes"]["built"]
+    )
+    assert sum(p["rows"] for p in stages["copy"]["partitions"]) == ROWS
+
+    validation = report["validation"]
+    numbers = validation["reconcile"]
+    assert numbers["source_rows"] == ROWS
+    assert numbers["migrated"] + numbers["rejected"] == ROWS
+    assert 0 < numbers["rejected"] < ROWS * 0.10
+    assert validation["accounted"] is True
+    assert validation["failed"] == []
+    assert validation["checks_passed"] == validation["checks"] > 0
+
+    baselines = report["baselines"]
+    assert baselines["a_sql"]["users_inserted"] > 0 and baselines["a_sql"]["seconds"] > 0
+    assert baselines["b_orm"]["rows_inserted"] == baselines["a_sql"]["users_inserted"]
+    assert report["ratios"]["copy_vs_a"] > 0 and report["ratios"]["copy_vs_b"] > 0
+    for key in ("cores", "memory_total_mb", "postgresql_version", "python_version"):
+        assert report["machine"][key], key
+    assert "user_migration bench" in proc.stdout and "copy" in proc.stdout
+
+    # Without --keep the bench cleans up after itself: no database, no backup folder.
+    with psycopg.connect(bench_server) as conn:
+        left = conn.execute("SELECT 1 FROM pg_database WHERE datname = 'user_migration_bench'").fetchone()
+    assert left is None
+    assert not any(backups.iterdir())
