@@ -14,7 +14,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export PYTHONPATH := $(CURDIR)
 export USER_MIGRATION_BACKUP_DIR ?= $(CURDIR)/var/backups
 
-.PHONY: install demo test test-fast lint format bench pg-start pg-stop lock clean
+.PHONY: install demo test test-fast lint format bench pg-start pg-stop airflow airflow-stop lock clean
 
 install: $(STAMP)
 
@@ -45,6 +45,12 @@ format: install
 bench: install
 	$(PY) tools/bench.py --rows $(ROWS)
 
+airflow: install
+	$(PY) tools/airflow_stack.py start
+
+airflow-stop:
+	@if [ -x $(PY) ]; then $(PY) tools/airflow_stack.py stop; fi
+
 pg-start: install
 	$(PY) tools/embedded_pg.py start
 
@@ -54,5 +60,5 @@ pg-stop: install
 lock:
 	$(PY) -m pip freeze --exclude-editable > constraints.txt.new && mv constraints.txt.new constraints.txt
 
-clean: pg-stop
+clean: airflow-stop pg-stop
 	rm -rf var test-artifacts

@@ -1,7 +1,8 @@
 """Fault injection for tests of retries and crashes; inert unless its environment variables are set.
 
-- ``USER_MIGRATION_FAIL_ONCE=<task_id>[,<task_id>...]``: that task raises on its first try only,
-  so the scheduler's retry must complete the run.
+- ``USER_MIGRATION_FAIL_ONCE=<task_id>[@<run id part>][,...]``: that task raises on its first try
+  only (in runs whose id contains ``<run id part>``, when given), so the scheduler's retry must
+  complete the run.
 - ``USER_MIGRATION_KILL_AT_BATCH=<n>:<marker file>``: the copy process SIGKILLs itself right after
   writing batch ``n`` of a partition (inside the partition's open transaction), once: the marker
   file is created first, and its existence disarms the fault for the retry.
@@ -21,10 +22,11 @@ class InjectedFault(RuntimeError):
     """Raised on purpose by the fault injection; never in a normal run."""
 
 
-def fail_once(task_id: str, try_number: int | None) -> None:
-    targets = {t.strip() for t in os.environ.get(FAIL_ONCE_ENV, "").split(",") if t.strip()}
-    if task_id in targets and (try_number or 1) <= 1:
-        raise InjectedFault(f"injected failure of {task_id} on try {try_number} ({FAIL_ONCE_ENV} is set)")
+def fail_once(task_id: str, try_number: int | None, run_id: str = "") -> None:
+    for entry in os.environ.get(FAIL_ONCE_ENV, "").split(","):
+        target, _, run_part = entry.strip().partition("@")
+        if target == task_id and run_part in run_id and (try_number or 1) <= 1:
+            raise InjectedFault(f"injected failure of {task_id} on try {try_number} ({FAIL_ONCE_ENV} is set)")
 
 
 def kill_after_batch(batch_no: int) -> None:

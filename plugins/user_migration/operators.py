@@ -64,7 +64,7 @@ class _MigrationOperator(BaseOperator):
             ensure_audit_schema(target)
             audit.record_attempt(target, run_id, self.task_id, map_index, ti.try_number, "running")
             try:
-                fail_once(self.task_id, ti.try_number)
+                fail_once(self.task_id, ti.try_number, run_id)
                 if self.renews_lease:
                     lease.renew(target, run_id)
                 result = self.run(context, settings, target)

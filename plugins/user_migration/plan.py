@@ -30,6 +30,7 @@ from user_migration.transforms import (
 # Characters for which PostgreSQL's lower(btrim(x)) under "C" equals Python's x.strip().lower().
 ASCII_BLANK = " \t\n\r\x0b\x0c"
 PLAIN_EMAIL_PATTERN = "^[ -~" + ASCII_BLANK + "]*$"
+STREAM_ROWS = 10_000
 
 
 @dataclass(frozen=True)
@@ -73,34 +74,39 @@ def partition_ranges(
 def find_duplicates(
     conn: psycopg.Connection, mapping: LegacyMapping, transformer: Transformer
 ) -> list[Duplicate]:
-    """Rows that lose to a lower valid id with the same email key or the same username."""
-    candidates: dict[int, LegacyRow] = {}
+    """Rows that lose to a lower valid id with the same email key or the same username.
+
+    Both queries stream through server-side cursors in id order, so memory holds the keys of the
+    candidate rows (and the losers), never the rows.
+    """
     unusual_keys: set[str] = set()
-    with conn.cursor(row_factory=_legacy_rows) as cur:
-        for row in cur.execute(_format("unusual_emails", mapping), {"plain": PLAIN_EMAIL_PATTERN}):
-            candidates[row.id] = row
+    with conn.cursor(name="plan_unusual_emails", row_factory=_legacy_rows) as cur:
+        cur.itersize = STREAM_ROWS
+        cur.execute(_format("unusual_emails", mapping), {"plain": PLAIN_EMAIL_PATTERN})
+        for row in cur:
             user, _, _ = transformer.transform(row)
             if user is not None:
                 unusual_keys.add(email_key(user.email))
-        params = {"plain": PLAIN_EMAIL_PATTERN, "blank": ASCII_BLANK, "keys": sorted(unusual_keys)}
-        for row in cur.execute(_format("duplicate_candidates", mapping), params):
-            candidates[row.id] = row
 
     emails: dict[str, int] = {}
     usernames: dict[str, int] = {}
     losers: list[Duplicate] = []
-    for source_id in sorted(candidates):
-        user, _reject, _ = transformer.transform(candidates[source_id])
-        if user is None:
-            continue  # rejected for its own reason; it claims nothing
-        key = email_key(user.email)
-        if key in emails:
-            losers.append(Duplicate(source_id, DUPLICATE_EMAIL, emails[key]))
-        elif user.username in usernames:
-            losers.append(Duplicate(source_id, DUPLICATE_USERNAME, usernames[user.username]))
-        else:
-            emails[key] = source_id
-            usernames[user.username] = source_id
+    params = {"plain": PLAIN_EMAIL_PATTERN, "blank": ASCII_BLANK, "keys": sorted(unusual_keys)}
+    with conn.cursor(name="plan_duplicate_candidates", row_factory=_legacy_rows) as cur:
+        cur.itersize = STREAM_ROWS
+        cur.execute(_format("duplicate_candidates", mapping), params)
+        for row in cur:  # in id order: the lowest valid id of a key claims it
+            user, _reject, _ = transformer.transform(row)
+            if user is None:
+                continue  # rejected for its own reason; it claims nothing
+            key = email_key(user.email)
+            if key in emails:
+                losers.append(Duplicate(row.id, DUPLICATE_EMAIL, emails[key]))
+            elif user.username in usernames:
+                losers.append(Duplicate(row.id, DUPLICATE_USERNAME, usernames[user.username]))
+            else:
+                emails[key] = row.id
+                usernames[user.username] = row.id
     return losers
 
 

@@ -1,0 +1,235 @@
+"""The bundle under a real Airflow stack (tools/airflow_stack.py): API server, scheduler with the
+LocalExecutor, DAG processor and triggerer, as users run it. Triggers through the REST API and the
+CLI, a three-day backfill, and a retry done by the scheduler. The stack is started once for the
+module and always stopped."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import airflow_stack
+import psycopg
+import pytest
+from airflow_env import airflow
+
+pytestmark = [pytest.mark.e2e, pytest.mark.stack]
+
+USERS = 1_500
+RETRY_RUN = "retry_check_1"
+# Every first try of `profiles` in runs whose id holds "retry_check" fails; the scheduler retries it.
+FAIL_ONCE = "profiles@retry_check"
+
+
+def _free_port() -> int:
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in (8793, 8794):  # Airflow's own log-server ports
+            return port
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[airflow_stack.Stack]:
+    base = Path(tempfile.mkdtemp(prefix="umstack-", dir="/tmp"))  # short: sockets live under it
+    try:
+        yield airflow_stack.start(
+            base,
+            _free_port(),
+            users=USERS,
+            extra_env={"USER_MIGRATION_SCHEDULE": "@daily", "USER_MIGRATION_FAIL_ONCE": FAIL_ONCE},
+        )
+    finally:
+        stopped = airflow_stack.stop(base)
+        leftovers = [p for p in Path("/proc").glob("[0-9]*") if str(base).encode() in _cmdline(p)]
+        shutil.rmtree(base, ignore_errors=True)
+        assert "api-server" in stopped and not leftovers, (stopped, leftovers)
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
+    except OSError:
+        return b""
+
+
+class Api:
+    """The REST API (/api/v2) with a bearer token from SimpleAuthManager's token flow."""
+
+    def __init__(self, stack: airflow_stack.Stack) -> None:
+        self.base = f"{stack.url}/api/v2"
+        self.token = stack.token()
+
+    def __call__(self, method: str, path: str, body: dict | None = None) -> dict:
+        request = urllib.request.Request(
+            self.base + path,
+            data=None if body is None else json.dumps(body).encode(),
+            method=method,
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def wait_for_dag(self, dag_id: str = "user_migration", timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self("GET", f"/dags/{dag_id}")
+            except urllib.error.HTTPError as exc:
+                if exc.code != 404 or time.monotonic() > deadline:
+                    raise
+            time.sleep(2)
+
+    def wait_for_run(self, run_id: str, timeout: float = 300) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run = self("GET", f"/dags/user_migration/dagRuns/{run_id}")
+            if run["state"] in ("success", "failed"):
+                return run
+            time.sleep(2)
+        raise AssertionError(f"run {run_id} did not finish in {timeout} s (state {run['state']})")
+
+    def task_instances(self, run_id: str) -> dict[tuple[str, int], dict]:
+        items = self("GET", f"/dags/user_migration/dagRuns/{run_id}/taskInstances")["task_instances"]
+        return {(t["task_id"], t["map_index"]): t for t in items}
+
+
+@pytest.fixture(scope="module")
+def api(stack: airflow_stack.Stack) -> Api:
+    api = Api(stack)
+    dag = api.wait_for_dag()
+    assert dag["is_paused"] is True  # new DAGs start paused: nothing runs until a user says so
+    assert api("PATCH", "/dags/user_migration", {"is_paused": False})["is_paused"] is False
+    return api
+
+
+def _target(stack: airflow_stack.Stack) -> list[tuple]:
+    with psycopg.connect(stack.legacy_dsn) as conn:
+        return conn.execute(
+            "SELECT id, password, last_login, email, username, full_name, date_of_birth, phone_number, "
+            "is_active, joined_at, updated_at FROM account_newuser ORDER BY id"
+        ).fetchall()
+
+
+def _audit_run(stack: airflow_stack.Stack, run_id: str) -> tuple[str, dict]:
+    with psycopg.connect(stack.legacy_dsn) as conn:
+        row = conn.execute(
+            "SELECT state, summary FROM migration_audit.runs WHERE run_id = %s", (run_id,)
+        ).fetchone()
+    assert row is not None, f"no audit record for {run_id}"
+    return row
+
+
+def test_token_flow_refuses_a_wrong_password(stack):
+    request = urllib.request.Request(
+        f"{stack.url}/auth/token",
+        data=json.dumps({"username": "admin", "password": "not-the-password"}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=30)
+    assert info.value.code == 401
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"{stack.url}/api/v2/dags", timeout=30)
+    assert info.value.code == 401
+
+
+def test_trigger_through_the_rest_api_migrates_every_row(stack, api):
+    run = api("POST", "/dags/user_migration/dagRuns", {"dag_run_id": "rest_trigger_1", "logical_date": None})
+    assert run["state"] == "queued"
+    assert api.wait_for_run("rest_trigger_1")["state"] == "success"
+
+    tis = api.task_instances("rest_trigger_1")
+    assert {k for k in tis if k[0] == "copy"} == {("copy", 0), ("copy", 1)}  # mapped partitions
+    assert all(t["state"] == "success" for t in tis.values())
+    report = api(
+        "GET", "/dags/user_migration/dagRuns/rest_trigger_1/taskInstances/report/xcomEntries/return_value"
+    )
+    summary = report["value"]
+    summary = json.loads(summary) if isinstance(summary, str) else summary
+    assert summary["source_rows"] == USERS
+    assert summary["migrated"] + summary["rejected"] == USERS
+    assert 0 < summary["rejected"] < USERS * 0.1
+    state, audit = _audit_run(stack, "rest_trigger_1")
+    assert state == "success" and audit["migrated"] == summary["migrated"]
+    assert len(_target(stack)) == summary["migrated"]
+
+
+def test_trigger_through_the_cli_is_a_pass_that_changes_nothing(stack, api):
+    before = _target(stack)
+    airflow(stack.env, "dags", "trigger", "user_migration", "--run-id", "cli_trigger_1")
+    assert api.wait_for_run("cli_trigger_1")["state"] == "success"
+    state, audit = _audit_run(stack, "cli_trigger_1")
+    assert state == "success"
+    assert (audit["inserted"], audit["updated"], audit["removed"]) == (0, 0, 0)
+    assert audit["unchanged"] == audit["migrated"] == len(before)
+    assert _target(stack) == before
+
+
+def test_backfill_of_three_days_makes_three_passes_and_no_duplicates(stack, api):
+    before = _target(stack)
+    airflow(
+        stack.env,
+        "backfill",
+        "create",
+        "--dag-id",
+        "user_migration",
+        "--from-date",
+        "2026-11-01",
+        "--to-date",
+        "2026-11-03",
+    )
+    deadline = time.monotonic() + 400
+    while True:
+        runs = [
+            r
+            for r in api("GET", "/dags/user_migration/dagRuns?run_type=backfill")["dag_runs"]
+            if r["run_type"] == "backfill"
+        ]
+        if len(runs) == 3 and all(r["state"] in ("success", "failed") for r in runs):
+            break
+        assert time.monotonic() < deadline, (
+            f"backfill not done: {[(r['dag_run_id'], r['state']) for r in runs]}"
+        )
+        time.sleep(3)
+    assert sorted(r["logical_date"][:10] for r in runs) == ["2026-11-01", "2026-11-02", "2026-11-03"]
+    assert all(r["state"] == "success" for r in runs)
+    for r in runs:
+        state, audit = _audit_run(stack, r["dag_run_id"])
+        assert state == "success"
+        assert (audit["inserted"], audit["updated"], audit["removed"]) == (0, 0, 0)
+    with psycopg.connect(stack.legacy_dsn) as conn:
+        logged = conn.execute(
+            "SELECT count(*) FROM migration_audit.runs WHERE run_id = ANY(%s) AND logical_date IS NOT NULL",
+            ([r["dag_run_id"] for r in runs],),
+        ).fetchone()[0]
+        duplicates = conn.execute(
+            "SELECT count(*) FROM (SELECT lower(email) FROM account_newuser GROUP BY 1 HAVING count(*) > 1) AS d"
+        ).fetchone()[0]
+    assert logged == 3 and duplicates == 0
+    assert _target(stack) == before
+
+
+def test_a_task_that_fails_once_is_retried_by_the_scheduler(stack, api):
+    api("POST", "/dags/user_migration/dagRuns", {"dag_run_id": RETRY_RUN, "logical_date": None})
+    assert api.wait_for_run(RETRY_RUN, timeout=400)["state"] == "success"
+    profiles = api.task_instances(RETRY_RUN)[("profiles", -1)]
+    assert profiles["state"] == "success" and profiles["try_number"] == 2
+    with psycopg.connect(stack.legacy_dsn) as conn:
+        attempts = conn.execute(
+            "SELECT try_number, state FROM migration_audit.task_attempts "
+            "WHERE run_id = %s AND task_id = 'profiles' AND state <> 'running' ORDER BY try_number",
+            (RETRY_RUN,),
+        ).fetchall()
+    assert attempts == [(1, "failed"), (2, "success")]
+    # Other runs were not touched by the fault: their profiles task succeeded at once.
+    assert api.task_instances("rest_trigger_1")[("profiles", -1)]["try_number"] == 1
