@@ -109,13 +109,9 @@ def _uri(conninfo: str, driver: str = "postgresql") -> str:
 
 
 def _seed_if_empty(dsn: str, users: int) -> int:
-    import psycopg
     import seed_legacy
 
-    with psycopg.connect(dsn) as conn:
-        exists = conn.execute("SELECT to_regclass('public.account_user') IS NOT NULL").fetchone()[0]
-        count = conn.execute("SELECT count(*) FROM account_user").fetchone()[0] if exists else 0
-    if count:
+    if seed_legacy.legacy_users(dsn):
         return 0
     seed_legacy.seed(dsn, users=users, reset=True)
     return users

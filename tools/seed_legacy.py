@@ -227,13 +227,27 @@ def seed(dsn: str, users: int = 10_000, seed_value: int = 42, reset: bool = Fals
     return {"users": len(rows), "group_links": groups, "permission_links": perms, "dirty": dict(categories)}
 
 
+def legacy_users(dsn: str) -> int:
+    """Rows in account_user (0 when the table does not exist)."""
+    with psycopg.connect(dsn) as conn:
+        if conn.execute("SELECT to_regclass('account_user') IS NULL").fetchone()[0]:
+            return 0
+        return conn.execute("SELECT count(*) FROM account_user").fetchone()[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dsn", required=True)
     parser.add_argument("--users", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--reset", action="store_true", help="drop and recreate the legacy tables first")
+    parser.add_argument(
+        "--if-empty", action="store_true", help="do nothing when account_user already holds rows"
+    )
     args = parser.parse_args(argv)
+    if args.if_empty and legacy_users(args.dsn):
+        print("account_user already holds users: nothing seeded")
+        return 0
     result = seed(args.dsn, args.users, args.seed, args.reset)
     print(
         f"seeded {result['users']} legacy users, {result['group_links']} group links, "
