@@ -14,7 +14,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export PYTHONPATH := $(CURDIR)
 export USER_MIGRATION_BACKUP_DIR ?= $(CURDIR)/var/backups
 
-.PHONY: install demo test test-fast lint format bench pg-start pg-stop airflow airflow-stop lock clean
+.PHONY: install browser demo test test-fast lint format bench pg-start pg-stop airflow airflow-stop lock clean
 
 install: $(STAMP)
 
@@ -28,7 +28,15 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 demo: install
 	$(PY) tools/demo.py
 
-test: install
+# Debian's Chromium for the web UI test (tests/test_stack_e2e.py); installed when missing and root.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; \
+	  else echo "chromium is missing (install Debian's chromium package): the web UI test will be skipped"; fi; }
+
+test: install browser
 	$(PY) -m pytest
 
 test-fast: install

@@ -1,7 +1,7 @@
 """The bundle under a real Airflow stack (tools/airflow_stack.py): API server, scheduler with the
 LocalExecutor, DAG processor and triggerer, as users run it. Triggers through the REST API and the
-CLI, a three-day backfill, and a retry done by the scheduler. The stack is started once for the
-module and always stopped."""
+CLI, a three-day backfill, a retry done by the scheduler, and the web UI in headless Chromium
+(screenshots in test-artifacts/ui/). The stack is started once for the module and always stopped."""
 
 from __future__ import annotations
 
@@ -16,12 +16,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import airflow_stack
+import browser
 import psycopg
 import pytest
 from airflow_env import airflow
 
 pytestmark = [pytest.mark.e2e, pytest.mark.stack]
 
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 USERS = 1_500
 RETRY_RUN = "retry_check_1"
 # Every first try of `profiles` in runs whose id holds "retry_check" fails; the scheduler retries it.
@@ -233,3 +235,40 @@ def test_a_task_that_fails_once_is_retried_by_the_scheduler(stack, api):
     assert attempts == [(1, "failed"), (2, "success")]
     # Other runs were not touched by the fault: their profiles task succeeded at once.
     assert api.task_instances("rest_trigger_1")[("profiles", -1)]["try_number"] == 1
+
+
+def test_the_web_ui_in_a_real_browser(stack, api):
+    """Log in through the form, open user_migration, its documentation, a finished run, the trigger form."""
+    if not Path(browser.CHROMIUM).exists():
+        pytest.skip("chromium is not installed: `make browser` installs Debian's package (as root)")
+    shots = ARTIFACTS / "ui"
+    b = browser.Browser()
+    try:
+        b.goto(stack.url + "/")
+        b.wait_for("input[name=username]")  # not logged in: the login form
+        b.screenshot(shots / "01-login.png")
+        b.fill("input[name=username]", "admin")
+        b.fill("input[name=password]", stack.password)
+        b.click("button[type=submit]")
+        b.wait_for_text("Welcome", "Dags")
+        b.goto(stack.url + "/dags/user_migration")
+        b.wait_for_text("user_migration", "Latest Run", "data-platform", "copy")
+        b.screenshot(shots / "02-dag.png")
+        b.click('button[aria-label="Dag Docs"]')
+        b.wait_for_text("Dag Documentation", "How to roll back", "user_migration_rollback")
+        b.screenshot(shots / "03-docs.png")
+        b.goto(stack.url + "/dags/user_migration/runs/rest_trigger_1")
+        text = b.wait_for_text(
+            "rest_trigger_1", "Success", "PartitionCopyOperator", "MigrationReportOperator"
+        )
+        assert "ids " in text  # mapped partitions are labelled with their id range
+        b.screenshot(shots / "04-finished-run.png")
+        b.goto(stack.url + "/dags/user_migration")
+        b.wait_for_text("Latest Run")
+        b.click('button[aria-label="Trigger Dag"]')
+        b.wait_for_text("Run Parameters", "Rows read, transformed and written per batch", "phone_region")
+        b.screenshot(shots / "05-trigger-form.png")
+    finally:
+        b.close()
+    for name in ("01-login", "02-dag", "03-docs", "04-finished-run", "05-trigger-form"):
+        assert (shots / f"{name}.png").stat().st_size > 10_000, name

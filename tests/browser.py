@@ -1,0 +1,146 @@
+"""Headless Chromium driven over the DevTools protocol, for tests of the Airflow web UI.
+
+Debian's chromium (installed by `make browser`, which `make test` runs) and the `websockets` client
+Airflow already depends on: no browser download, no extra driver. Just enough protocol to open a
+page, wait for text, type into inputs, click, and take screenshots.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from websockets.sync.client import connect
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1440,1000",
+    "--remote-debugging-port=0",
+    "--remote-allow-origins=*",
+]
+
+
+class Browser:
+    def __init__(self) -> None:
+        self.profile = Path(tempfile.mkdtemp(prefix="umchrome-"))
+        self.proc = subprocess.Popen(
+            [CHROMIUM, *FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        port_file = self.profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 30
+        while not port_file.exists() or not port_file.read_text().strip():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.close()
+                raise RuntimeError("chromium did not start")
+            time.sleep(0.2)
+        port = int(port_file.read_text().split()[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as response:
+            page = next(t for t in json.loads(response.read()) if t["type"] == "page")
+        self.ws = connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=10)
+        self._id = 0
+        self.send("Page.enable")
+        self.send("Runtime.enable")
+
+    def send(self, method: str, **params: Any) -> dict:
+        self._id += 1
+        self.ws.send(json.dumps({"id": self._id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.ws.recv(timeout=60))
+            if message.get("id") == self._id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message.get("result", {})
+
+    def goto(self, url: str) -> None:
+        self.send("Page.navigate", url=url)
+
+    def js(self, expression: str) -> Any:
+        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"script failed: {result['exceptionDetails'].get('text')}")
+        return result["result"].get("value")
+
+    def text(self) -> str:
+        return self.js("document.body ? document.body.innerText : ''") or ""
+
+    def wait_for_text(self, *needles: str, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.text()
+            if all(n in text for n in needles):
+                return text
+            if time.monotonic() > deadline:
+                raise AssertionError(f"page never showed {needles!r}; it shows: {text[:1500]!r}")
+            time.sleep(0.5)
+
+    def wait_for(self, selector: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.js(f"!!document.querySelector({json.dumps(selector)})"):
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"no element {selector} on {self.js('location.href')}: {self.text()[:800]!r}"
+                )
+            time.sleep(0.5)
+
+    def fill(self, selector: str, value: str) -> None:
+        """Type into a React-controlled input (the value setter React listens to, then an input event)."""
+        self.js(
+            f"""(() => {{
+                const el = document.querySelector({json.dumps(selector)});
+                const setter = Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value').set;
+                setter.call(el, {json.dumps(value)});
+                el.dispatchEvent(new Event('input', {{bubbles: true}}));
+            }})()"""
+        )
+
+    def click(self, selector: str) -> None:
+        self.js(f"document.querySelector({json.dumps(selector)}).click()")
+
+    def click_text(self, text: str) -> None:
+        """Click the innermost link or button whose visible text is ``text``."""
+        found = self.js(
+            f"""(() => {{
+                const els = [...document.querySelectorAll('a, button, [role=tab]')]
+                    .filter(e => e.innerText && e.innerText.trim() === {json.dumps(text)});
+                if (!els.length) return false;
+                els[0].click();
+                return true;
+            }})()"""
+        )
+        if not found:
+            raise AssertionError(f"nothing to click named {text!r} on {self.js('location.href')}")
+
+    def screenshot(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = self.send("Page.captureScreenshot", format="png")["data"]
+        path.write_bytes(base64.b64decode(data))
+        return path
+
+    def close(self) -> None:
+        try:
+            if getattr(self, "ws", None):
+                self.ws.close()
+        finally:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            shutil.rmtree(self.profile, ignore_errors=True)
