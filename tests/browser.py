@@ -8,6 +8,7 @@ page, wait for text, type into inputs, click, and take screenshots.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import shutil
 import subprocess
@@ -53,7 +54,10 @@ class Browser:
         port = int(port_file.read_text().split()[0])
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as response:
             page = next(t for t in json.loads(response.read()) if t["type"] == "page")
-        self.ws = connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=10)
+        self._closing = contextlib.ExitStack()
+        self.ws = self._closing.enter_context(
+            connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=10)
+        )
         self._id = 0
         self.send("Page.enable")
         self.send("Runtime.enable")
@@ -135,8 +139,8 @@ class Browser:
 
     def close(self) -> None:
         try:
-            if getattr(self, "ws", None):
-                self.ws.close()
+            if getattr(self, "_closing", None):
+                self._closing.close()
         finally:
             self.proc.terminate()
             try:

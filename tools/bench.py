@@ -39,25 +39,15 @@ import psycopg  # noqa: E402
 import seed_legacy  # noqa: E402
 from psycopg import sql  # noqa: E402
 
+from user_migration.config import FIELDS  # noqa: E402
+
 BENCH_DB = "user_migration_bench"
 DEFAULT_RESULTS_DIR = REPO / "bench" / "results"
 DEFAULT_BACKUP_DIR = REPO / "var" / "bench" / "backups"
 BASELINE_SCHEMA = "bench_baseline"
 ORM_BATCH = 1000  # rows per multi-row INSERT in baseline (b), as bulk_create(batch_size=1000)
 STAGES = ("backup", "ddl", "plan", "copy", "indexes", "profiles", "validate")
-USER_COLUMNS = (
-    "id",
-    "password",
-    "last_login",
-    "is_superuser",
-    "email",
-    "username",
-    "full_name",
-    "date_of_birth",
-    "phone_number",
-    "is_active",
-    "is_staff",
-)
+USER_COLUMNS = FIELDS  # the legacy user columns, in the pipeline's order
 
 # --------------------------------------------------------------------------------------------
 # Data generation, in SQL. Every "random" value is a hash of (id, salt), so a row's values do not
