@@ -62,15 +62,6 @@ def defer(target: psycopg.Connection, run_id: str) -> list[str]:
     return [name for name, _, _ in indexes]
 
 
-def pending(target: psycopg.Connection) -> list[str]:
-    return [
-        name
-        for (name,) in target.execute(
-            "SELECT index_name FROM migration_audit.deferred_indexes ORDER BY index_name"
-        ).fetchall()
-    ]
-
-
 def build(source: psycopg.Connection, target: psycopg.Connection, settings: Settings) -> dict[str, Any]:
     """Build every deferred index, first settling rows that share a unique key; idempotent.
 
