@@ -147,3 +147,54 @@ def test_a_run_that_failed_before_the_build_leaves_the_next_plan_to_build(legacy
         assert set(_indexes(conn)) >= SECONDARY
         assert conn.execute("SELECT count(*) FROM migration_audit.deferred_indexes").fetchone()[0] == 0
         assert [u[0] for u in snapshot(legacy)["users"]] == sorted(fx.MIGRATED)
+
+
+def _profile_constraints(conn: psycopg.Connection) -> dict[str, str]:
+    return dict(
+        conn.execute(
+            "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+            "WHERE conrelid = 'account_profile'::regclass"
+        ).fetchall()
+    )
+
+
+def test_the_first_profile_fill_adds_back_identical_foreign_keys_that_still_hold(legacy, backup_dir):
+    settings = Settings(partitions=2, batch_size=5)
+    with psycopg.connect(legacy, autocommit=True) as conn:
+        plan = _plan(conn, settings, "run-1", backup_dir)
+        before = _profile_constraints(conn)
+        assert (
+            "FOREIGN KEY (user_id) REFERENCES account_newuser(id)" in before["account_profile_user_id_fkey"]
+        )
+        for partition in plan["partitions"]:
+            with psycopg.connect(legacy, autocommit=True) as source:
+                copy_partition(source, conn, settings, "run-1", partition)
+
+        first = finalize_target(conn, conn, settings)
+        assert first["foreign_keys_rebuilt"] == ["account_profile_user_id_fkey"]
+        assert first["profiles_created"] == first["profiles_total"] == len(fx.MIGRATED)
+        assert _profile_constraints(conn) == before
+        orphans = conn.execute(
+            "SELECT count(*) FROM account_profile AS p "
+            "WHERE NOT EXISTS (SELECT 1 FROM account_newuser AS u WHERE u.id = p.user_id)"
+        ).fetchone()[0]
+        assert orphans == 0
+
+        # The key is enforced again (deferred, so at commit), and deleting a user takes its profile.
+        with pytest.raises(psycopg.errors.ForeignKeyViolation), conn.transaction():
+            conn.execute("INSERT INTO account_profile (user_id, updated_at) VALUES (%s, now())", (10**9,))
+        some_user = min(fx.MIGRATED)
+        with conn.transaction():
+            conn.execute("DELETE FROM account_newuser WHERE id = %s", (some_user,))
+        assert (
+            conn.execute("SELECT count(*) FROM account_profile WHERE user_id = %s", (some_user,)).fetchone()[
+                0
+            ]
+            == 0
+        )
+
+        # A later pass adds the missing profiles only, with the keys in place.
+        again = finalize_target(conn, conn, settings)
+        assert again["foreign_keys_rebuilt"] == []
+        assert again["profiles_created"] == 0
+        assert _profile_constraints(conn) == before

@@ -5,20 +5,66 @@ from __future__ import annotations
 import datetime as dt
 
 import psycopg
+from psycopg import sql
 
 from user_migration import deferred_indexes
 from user_migration.config import Settings
 from user_migration.db import read_sql
 
+PROFILE_TABLE = "account_profile"
+
 
 def init_profiles(target: psycopg.Connection) -> dict[str, object]:
-    """Create the missing profiles and advance sequences in one transaction; idempotent."""
+    """Create the missing profiles and advance sequences in one transaction; idempotent.
+
+    The first fill of an empty account_profile runs without its foreign keys and adds them back
+    before the commit: a deferred FK queues one check per row, each locking the user row it
+    references (for 1M profiles here: 4.0 s insert + 9.0 s of checks at commit, against 4.6 s +
+    1.1 s for re-adding the key, which PostgreSQL validates with one join). Later passes add a few
+    profiles and keep the keys. The table is locked for the transaction either way; if anything
+    fails the rollback restores the keys with the rest.
+    """
     now = dt.datetime.now(dt.UTC)
     with target.transaction():
+        first_fill = target.execute(
+            sql.SQL("SELECT NOT EXISTS (SELECT 1 FROM {})").format(sql.Identifier(PROFILE_TABLE))
+        ).fetchone()[0]
+        foreign_keys = _drop_foreign_keys(target) if first_fill else []
         created = target.execute(read_sql("finalize/create_profiles.sql"), {"now": now}).rowcount
+        for name, definition in foreign_keys:
+            # The definition is pg_get_constraintdef() of the key dropped above: server-written SQL.
+            target.execute(
+                sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
+                    sql.Identifier(PROFILE_TABLE), sql.Identifier(name), sql.SQL(definition)
+                )
+            )
         sequences = dict(target.execute(read_sql("finalize/advance_sequences.sql")).fetchall())
-        profiles = target.execute("SELECT count(*) FROM account_profile").fetchone()[0]
-    return {"profiles_created": created, "profiles_total": profiles, "sequences": sequences}
+        profiles = target.execute(
+            sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(PROFILE_TABLE))
+        ).fetchone()[0]
+    return {
+        "profiles_created": created,
+        "profiles_total": profiles,
+        "sequences": sequences,
+        "foreign_keys_rebuilt": [name for name, _ in foreign_keys],
+    }
+
+
+def _drop_foreign_keys(target: psycopg.Connection) -> list[tuple[str, str]]:
+    """Drop account_profile's foreign keys; returns (name, definition) to add each back."""
+    target.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(PROFILE_TABLE)))
+    keys = target.execute(
+        "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+        "WHERE conrelid = to_regclass(%s) AND contype = 'f' ORDER BY conname",
+        (PROFILE_TABLE,),
+    ).fetchall()
+    for name, _ in keys:
+        target.execute(
+            sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+                sql.Identifier(PROFILE_TABLE), sql.Identifier(name)
+            )
+        )
+    return keys
 
 
 def finalize_target(
