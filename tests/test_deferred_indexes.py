@@ -170,8 +170,20 @@ def test_the_first_profile_fill_adds_back_identical_foreign_keys_that_still_hold
             with psycopg.connect(legacy, autocommit=True) as source:
                 copy_partition(source, conn, settings, "run-1", partition)
 
+        analyzed = (
+            "SELECT count(*) FROM pg_stat_user_tables WHERE last_analyze IS NOT NULL AND relname = ANY(%s)"
+        )
+        tables = [
+            "account_newuser",
+            "account_newuser_groups",
+            "account_newuser_user_permissions",
+            "account_profile",
+        ]
+        assert conn.execute(analyzed, (tables,)).fetchone()[0] == 0
         first = finalize_target(conn, conn, settings)
         assert first["foreign_keys_rebuilt"] == ["account_profile_user_id_fkey"]
+        # Statistics and visibility map for the loaded tables (last_vacuum/last_analyze: never autovacuum's).
+        assert conn.execute(analyzed, (tables,)).fetchone()[0] == len(tables)
         assert first["profiles_created"] == first["profiles_total"] == len(fx.MIGRATED)
         assert _profile_constraints(conn) == before
         orphans = conn.execute(

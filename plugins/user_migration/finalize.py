@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 import psycopg
 from psycopg import sql
@@ -12,6 +13,13 @@ from user_migration.config import Settings
 from user_migration.db import read_sql
 
 PROFILE_TABLE = "account_profile"
+# The tables the validation reads and the application queries after the cutover.
+LOADED_TABLES = (
+    "account_newuser",
+    "account_newuser_groups",
+    "account_newuser_user_permissions",
+    PROFILE_TABLE,
+)
 
 
 def init_profiles(target: psycopg.Connection) -> dict[str, object]:
@@ -72,4 +80,26 @@ def finalize_target(
 ) -> dict[str, object]:
     """The step after every partition has copied: indexes a first load deferred, then profiles."""
     indexes = deferred_indexes.build(source, target, settings)
-    return {"indexes": indexes, **init_profiles(target)}
+    profiles = init_profiles(target)
+    return {"indexes": indexes, **profiles, "vacuum_analyze_seconds": vacuum_analyze(target)}
+
+
+def vacuum_analyze(target: psycopg.Connection) -> float:
+    """VACUUM (ANALYZE) the loaded tables: planner statistics and the visibility map; returns seconds.
+
+    Freshly loaded tables have neither until autovacuum gets to them, and the validation's checks
+    then either misjudge their aggregates (no statistics: 14.9 s for 1M users) or, with statistics
+    alone, choose index-only scans that must still visit every heap page (17.5 s); after a
+    VACUUM (ANALYZE) they took 9.8 s here. The application's first queries after the cutover profit
+    alike. VACUUM skips pages already all-visible, so later passes pay only for what they changed.
+    It cannot run inside a transaction: the connection is put in autocommit mode for it.
+    """
+    started = time.perf_counter()
+    autocommit = target.autocommit
+    target.autocommit = True  # psycopg refuses if the caller has a transaction open: never commit theirs
+    try:
+        for name in LOADED_TABLES:
+            target.execute(sql.SQL("VACUUM (ANALYZE) {}").format(sql.Identifier(name)))
+    finally:
+        target.autocommit = autocommit
+    return round(time.perf_counter() - started, 3)

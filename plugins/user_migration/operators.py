@@ -262,7 +262,12 @@ class ProfileInitOperator(_MigrationOperator):
                 "rejected and decided again next pass: %s",
                 indexes["settled"],
             )
-        self.log.info("profiles created: %s (total %s)", result["profiles_created"], result["profiles_total"])
+        self.log.info(
+            "profiles created: %s (total %s); VACUUM (ANALYZE) of the loaded tables took %s s",
+            result["profiles_created"],
+            result["profiles_total"],
+            result["vacuum_analyze_seconds"],
+        )
         return result
 
 
