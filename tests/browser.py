@@ -72,8 +72,20 @@ class Browser:
                     raise RuntimeError(f"{method}: {message['error']}")
                 return message.get("result", {})
 
-    def goto(self, url: str) -> None:
+    def goto(self, url: str, timeout: float = 60) -> None:
+        """Navigate and return once the new document has replaced the old one (no stale clicks)."""
+        self.js("window.__leaving = true")
         self.send("Page.navigate", url=url)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if not self.js("window.__leaving === true || document.readyState !== 'complete'"):
+                    return
+            except RuntimeError:  # the old context went away mid-evaluation: still loading
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{url} did not load within {timeout} s")
+            time.sleep(0.2)
 
     def js(self, expression: str) -> Any:
         result = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
@@ -114,7 +126,9 @@ class Browser:
             }})()"""
         )
 
-    def click(self, selector: str) -> None:
+    def click(self, selector: str, timeout: float = 60) -> None:
+        """Click the element once it exists: React renders buttons some time after the page's text."""
+        self.wait_for(selector, timeout=timeout)
         self.js(f"document.querySelector({json.dumps(selector)}).click()")
 
     def click_text(self, text: str) -> None:
