@@ -123,7 +123,7 @@ with DAG(
             type="integer",
             minimum=0,
             maximum=86_400,
-            description="How long a run waits for another run (any deployment) to stop writing the target.",
+            description="How long a run waits for another run (any deployment) to stop writing the target; a backfill run instead waits its turn by rescheduling.",
         ),
         "lease_stale_minutes": Param(
             30,

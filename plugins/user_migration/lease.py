@@ -1,8 +1,10 @@
 """One writer at a time per target database, across Airflow deployments.
 
-Airflow's max_active_runs=1 keeps one deployment's runs apart; this lease also keeps apart two
-deployments, or a manual run beside a scheduled one. The first task of a run takes the lease (it
-waits a bounded time, then fails naming the holder's run); every writing transaction holds it with
+Airflow's max_active_runs=1 keeps one deployment's scheduled and manual runs apart (not its
+backfills: Airflow 3 gives a backfill its own max_active_runs, 10 by default); this lease also keeps
+apart two deployments, a manual run beside a scheduled one, and the runs of a backfill. The first
+task of a run takes the lease (it waits a bounded time, then fails naming the holder's run; a
+backfill run is rescheduled instead, see LegacyBackupOperator); every writing transaction holds it with
 FOR KEY SHARE, so a takeover waits for in-flight writes to commit; the last task releases it. The
 lease of a run that died is taken over once it has not been renewed for ``stale_minutes``.
 """
@@ -15,6 +17,14 @@ import time
 import psycopg
 
 from user_migration.errors import MigrationError
+
+
+class LeaseBusy(MigrationError):
+    """Another live run holds the writer lease; ``holder`` is its run id."""
+
+    def __init__(self, message: str, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
 def acquire(
@@ -48,11 +58,12 @@ def acquire(
                 "FROM migration_audit.writer_lease WHERE target = 'target'"
             ).fetchone()
         if time.monotonic() >= deadline:
-            raise MigrationError(
+            raise LeaseBusy(
                 f"the target database is being written by run '{holder[0]}' of DAG '{holder[1]}' on {holder[2]} "
                 f"(since {holder[3]:%Y-%m-%d %H:%M:%S %Z}, last active {holder[4]:%Y-%m-%d %H:%M:%S %Z}); waited "
                 f"{wait_seconds:.0f} s. Let that run finish; if it died, its lease is taken over "
-                f"{stale_minutes:g} minutes after its last activity"
+                f"{stale_minutes:g} minutes after its last activity",
+                holder=holder[0],
             )
         time.sleep(min(1.0, max(deadline - time.monotonic(), 0)))
 

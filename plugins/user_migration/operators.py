@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from airflow.sdk.exceptions import AirflowFailException, AirflowRescheduleException, AirflowSkipException
 
 from user_migration.config import ConfigError, Settings, backup_root
 from user_migration.errors import ConnectionProblem, MigrationError, ValidationFailed
@@ -26,6 +26,19 @@ if TYPE_CHECKING:
 # Database drivers, GX and pandas are imported inside execute(): this module is imported every
 # time the DAG file is parsed.
 POOL = "user_migration_db"
+# Airflow 3 runs a backfill's runs side by side (the backfill's own max_active_runs, 10 by default;
+# the DAG's max_active_runs=1 does not apply to them), so its passes take turns on the writer lease:
+# a backfill run that finds the lease held is rescheduled, using no worker, pool slot or retry while
+# it waits, and gives up only after this long.
+BACKFILL_LEASE_WAIT = dt.timedelta(hours=24)
+
+
+class WaitingForLease(AirflowRescheduleException):
+    """Try the task again at ``reschedule_date``; ``reason`` goes to the audit trail."""
+
+    def __init__(self, reschedule_date: dt.datetime, reason: str) -> None:
+        super().__init__(reschedule_date)
+        self.reason = reason
 
 
 class _MigrationOperator(BaseOperator):
@@ -71,6 +84,12 @@ class _MigrationOperator(BaseOperator):
             except AirflowSkipException as exc:
                 audit.record_attempt(
                     target, run_id, self.task_id, map_index, ti.try_number, "skipped", str(exc)
+                )
+                raise
+            except AirflowRescheduleException as exc:
+                reason = exc.reason if isinstance(exc, WaitingForLease) else None
+                audit.record_attempt(
+                    target, run_id, self.task_id, map_index, ti.try_number, "waiting", reason
                 )
                 raise
             except AirflowFailException as exc:
@@ -137,7 +156,7 @@ class LegacyBackupOperator(_MigrationOperator):
     renews_lease = False
 
     def run(self, context, settings, target):
-        from user_migration import audit, lease
+        from user_migration import audit
         from user_migration.backup import run_backup
         from user_migration.cutover import active_cutover
         from user_migration.db import check_legacy_tables
@@ -156,9 +175,7 @@ class LegacyBackupOperator(_MigrationOperator):
             self.log.info(message)
             audit.finish_run(target, run_id, "skipped_after_cutover", {"message": message})
             raise AirflowSkipException(message)
-        lease.acquire(
-            target, run_id, dag_run.dag_id, settings.lock_wait_seconds, settings.lease_stale_minutes
-        )
+        self._take_lease(target, run_id, dag_run, settings)
         with self.legacy() as legacy:
             try:
                 check_legacy_tables(legacy, settings.mapping, settings.legacy_conn_id)
@@ -168,6 +185,32 @@ class LegacyBackupOperator(_MigrationOperator):
         audit.set_backup(target, run_id, result.folder)
         self.log.info("backup written to %s: %s", result.folder, result.rows)
         return {"folder": result.folder, "rows": result.rows}
+
+    def _take_lease(self, target, run_id: str, dag_run: Any, settings: Settings) -> None:
+        """Take the writer lease; a backfill run that finds it held waits its turn by rescheduling."""
+        from user_migration import lease
+
+        if dag_run.run_type != "backfill":
+            lease.acquire(
+                target, run_id, dag_run.dag_id, settings.lock_wait_seconds, settings.lease_stale_minutes
+            )
+            return
+        try:
+            lease.acquire(target, run_id, dag_run.dag_id, 0, settings.lease_stale_minutes)
+        except lease.LeaseBusy as busy:
+            now = dt.datetime.now(dt.UTC)
+            waited = now - (dag_run.start_date or now)
+            if waited > BACKFILL_LEASE_WAIT:
+                raise AirflowFailException(
+                    f"the target database is still being written by run '{busy.holder}' after this backfill "
+                    f"run waited its turn for {waited.total_seconds() / 3600:.1f} h; it gives up. Let that run "
+                    "finish, then clear this run's tasks to run the pass"
+                ) from None
+            # Poke often at first (demo-sized passes take seconds), then once a minute.
+            delay = min(60.0, max(10.0, waited.total_seconds() / 4))
+            reason = f"backfill run waits its turn: run '{busy.holder}' is writing the target"
+            self.log.info("%s; trying again in %.0f s", reason, delay)
+            raise WaitingForLease(now + dt.timedelta(seconds=delay), reason) from None
 
 
 class TargetSchemaOperator(_MigrationOperator):
