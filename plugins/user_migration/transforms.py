@@ -16,6 +16,10 @@ from typing import Any, NamedTuple
 import phonenumbers
 from email_validator import EmailNotValidError, validate_email
 
+from user_migration import phone_speedup
+
+phone_speedup.install()
+
 # Limits of the target columns (SCHEMA.md): a longer value is rejected, never truncated.
 MAX_LENGTH = {"password": 128, "email": 255, "username": 255, "full_name": 255, "phone_number": 128}
 OLDEST_DATE_OF_BIRTH = dt.date(1900, 1, 1)
