@@ -237,14 +237,6 @@ def _copy(
     with target.transaction():
         if partition.get("lease_run_id"):
             hold_lease(target, partition["lease_run_id"])
-        losers = {
-            source_id: (reason, kept_id)
-            for source_id, reason, kept_id in target.execute(
-                "SELECT source_id, reason, kept_id FROM migration_audit.plan_duplicates "
-                "WHERE run_id = %s AND source_id BETWEEN %s AND %s",
-                (run_id, lo, hi),
-            )
-        }
         for table in ("rejected_rows", "field_fixes"):
             target.execute(
                 sql.SQL(
@@ -305,7 +297,9 @@ def _copy(
                 source.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             deleted: list[int] = []
             if result.path == "delta":
-                process, deleted, skipped, rows_in = _delta(source, target, mapping, lo, hi, losers)
+                range_losers = _losers(target, run_id, lo, hi)
+                process, deleted, skipped, rows_in = _delta(source, target, mapping, lo, hi, range_losers)
+                del range_losers
                 result.rows_in = rows_in
                 result.unchanged = skipped
                 batches = _rows_by_id(source, select, id_column, process, settings.batch_size)
@@ -316,8 +310,12 @@ def _copy(
                 batch_no = 0
                 for rows in batches:
                     batch_started = time.perf_counter()
+                    # The plan's losers of this batch only (rows come in id order): memory stays
+                    # bounded by the batch, however many duplicates the partition holds.
+                    losers = _losers(target, run_id, rows[0][0], rows[-1][0])
                     batch = _transform_batch(rows, transformer, losers, legacy_names, run_id, now, result)
-                    rejected_ids += batch.rejected_ids
+                    if result.path in ("merge", "delta"):
+                        rejected_ids += batch.rejected_ids
                     _write_batch(out, batch, users_copy, stamps, result.path, run_id)
                     out.execute(
                         "INSERT INTO migration_audit.batches (run_id, partition_no, batch_no, first_id, last_id, "
@@ -367,6 +365,18 @@ def _copy(
             {**result.as_dict(), "run_id": run_id},
         )
     return result
+
+
+def _losers(target: psycopg.Connection, run_id: str, lo: int, hi: int) -> dict[int, tuple[str, int]]:
+    """The plan's decisions for ids lo..hi: source id -> (duplicate reason, id of the row kept)."""
+    return {
+        source_id: (reason, kept_id)
+        for source_id, reason, kept_id in target.execute(
+            "SELECT source_id, reason, kept_id FROM migration_audit.plan_duplicates "
+            "WHERE run_id = %s AND source_id BETWEEN %s AND %s",
+            (run_id, lo, hi),
+        )
+    }
 
 
 def _rows_in_range(
