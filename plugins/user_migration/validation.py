@@ -13,7 +13,8 @@ Every check runs on a *table* asset, one batch and one suite per table. The chec
 their own (case-insensitive email, missing profiles, dangling link rows) are UnexpectedRowsExpectations
 rather than query assets: GX 1.24 learns a query asset's columns by executing the whole query and
 letting the driver buffer every row (psycopg 3 cursors are client-side), which at 2 million users
-cost ~3.7 s and ~110 MB per run; an UnexpectedRowsExpectation only ever transfers offending rows.
+cost ~3.7 s and ~110 MB per run; an UnexpectedRowsExpectation (here a subclass that asks only for
+the count, see ``_row_count_only``) transfers one number.
 
 Nothing here imports Airflow, and great_expectations (slow to import) is imported only when
 ``validate_target`` runs, so importing this module stays cheap for DAG parsing.
@@ -21,11 +22,12 @@ Nothing here imports Airflow, and great_expectations (slow to import) is importe
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 USERS_TABLE = "account_newuser"
 PROFILE_TABLE = "account_profile"
@@ -134,9 +136,29 @@ def _unexpected_rows(name: str, description: str, query: str) -> _Check:
     return _Check(
         name,
         description,
-        lambda gxe: gxe.UnexpectedRowsExpectation(unexpected_rows_query=query, description=description),
+        lambda gxe: _row_count_only(gxe)(unexpected_rows_query=query, description=description),
         rows_query=True,
     )
+
+
+@functools.cache
+def _row_count_only(gxe: Any) -> type:
+    """GX's UnexpectedRowsExpectation, asking GX for the number of offending rows only.
+
+    The stock expectation depends on two metrics, the offending rows themselves and their count,
+    and GX runs the query once for each: at 1M users that was 1.7 s of the checks' 4.9 s of SQL.
+    The outcome uses only the count (rows would be personal data in a report anyway), so this
+    subclass, the customisation GX documents for SQL expectations, drops the rows metric.
+    """
+
+    class UnexpectedRowCountExpectation(gxe.UnexpectedRowsExpectation):
+        metric_dependencies: ClassVar[tuple[str, ...]] = ("unexpected_rows_query.row_count",)
+
+        def _validate(self, metrics: dict, runtime_configuration: dict | None = None, execution_engine=None):
+            count = metrics["unexpected_rows_query.row_count"]
+            return {"success": count == 0, "result": {"observed_value": count}}
+
+    return UnexpectedRowCountExpectation
 
 
 def _plan(expected_users: int) -> tuple[_Asset, ...]:
