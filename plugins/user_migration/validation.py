@@ -148,7 +148,9 @@ def _row_count_only(gxe: Any) -> type:
     The stock expectation depends on two metrics, the offending rows themselves and their count,
     and GX runs the query once for each: at 1M users that was 1.7 s of the checks' 4.9 s of SQL.
     The outcome uses only the count (rows would be personal data in a report anyway), so this
-    subclass, the customisation GX documents for SQL expectations, drops the rows metric.
+    subclass drops the rows metric. Subclassing UnexpectedRowsExpectation is how GX's docs build
+    custom SQL expectations; overriding its metrics goes a step beyond them, so the seeded
+    violations of tests/test_validation_gx.py check every count it reports on the pinned GX.
     """
 
     class UnexpectedRowCountExpectation(gxe.UnexpectedRowsExpectation):
