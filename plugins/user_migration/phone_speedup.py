@@ -16,21 +16,17 @@ import re
 from phonenumbers import phonenumberutil
 
 _ASCII_NON_DIGITS = re.compile(r"[^0-9]+")
-_library_normalize_digits_only = phonenumberutil.normalize_digits_only
+# The library's own function, captured before install() replaces it (the equivalence tests use it).
+library_normalize_digits_only = phonenumberutil.normalize_digits_only
 
 
 def normalize_digits_only(number: str, keep_non_digits: bool = False) -> str:
     """phonenumbers' ``normalize_digits_only``, without its per-character loop for ASCII input."""
     if type(number) is str and number.isascii():
         return number if keep_non_digits else _ASCII_NON_DIGITS.sub("", number)
-    return _library_normalize_digits_only(number, keep_non_digits)
+    return library_normalize_digits_only(number, keep_non_digits)
 
 
 def install() -> None:
     """Make phonenumbers' parser use the fast normaliser (its module-level name is what it calls)."""
     phonenumberutil.normalize_digits_only = normalize_digits_only
-
-
-def library_normalize_digits_only(number: str, keep_non_digits: bool = False) -> str:
-    """The library's own function, for the equivalence tests."""
-    return _library_normalize_digits_only(number, keep_non_digits)
