@@ -1,0 +1,10 @@
+-- The plan's duplicate ledger (plan.DuplicateLedger), a private SQLite file deleted after the plan.
+-- Nothing here needs to survive a crash: the plan is recomputed by a retry.
+PRAGMA journal_mode = OFF;
+PRAGMA synchronous = OFF;
+PRAGMA cache_size = -8192;
+-- The first valid id that claimed each email key and each username.
+CREATE TABLE email_claims (key TEXT PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE username_claims (key TEXT PRIMARY KEY, id INTEGER NOT NULL) WITHOUT ROWID;
+-- The rows that lost, why, and to whom.
+CREATE TABLE losers (id INTEGER PRIMARY KEY, reason TEXT NOT NULL, kept_id INTEGER NOT NULL);
