@@ -63,6 +63,8 @@ def test_bench_runs_every_stage_and_reconciles(bench_server: str, tmp_path: Path
         assert stage["seconds"] > 0, name
         assert stage["rss_peak_mb"] > 0, name
     assert len(stages["copy"]["partitions"]) == 2
+    counts = report["seed"]["counts"]
+    assert stages["backup"]["rows_written"] == sum(counts.values()) > ROWS  # users and their links
     # The first load ran without the secondary indexes and built all four afterwards.
     assert len(report["stage_results"]["indexes"]["built"]) == 4
     assert report["stage_results"]["plan"]["deferred_indexes"] == sorted(

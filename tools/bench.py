@@ -617,6 +617,10 @@ def run_pipeline(args, dsn: str, rows: int, run_id: str, workdir: Path) -> tuple
         return out["result"]
 
     backup = simple("backup")
+    # The stage's rows/s counts legacy users, like every stage; the backup also writes the link rows.
+    written = sum(backup["rows"].values())
+    stages[-1]["rows_written"] = written
+    stages[-1]["rows_written_per_s"] = round(_rate(written, stages[-1]["seconds"]))
     simple("ddl", backup_folder=backup["folder"])
     plan = simple("plan")
 
@@ -830,6 +834,11 @@ def print_report(report: dict[str, Any]) -> None:
                 f"({round(_rate(p['rows'], p['seconds'])):,} rows/s), peak RSS {p['rss_peak_mb']:.1f} MB, "
                 f"CPU python {p['python_cpu_seconds']:.1f} s + server {_fmt(p['server_cpu_seconds'])} s"
             )
+    backup = next(s for s in report["stages"] if s["stage"] == "backup")
+    print(
+        f"  backup: {backup['rows_written']:,} rows written (users and their group and permission links), "
+        f"{backup['rows_written_per_s']:,} rows/s"
+    )
     v = report["validation"]
     r = v["reconcile"]
     print(
