@@ -3,6 +3,7 @@ errors raised as psycopg raises them, and an interrupted COPY leaves the connect
 
 from __future__ import annotations
 
+import signal
 import time
 
 import psycopg
@@ -31,8 +32,13 @@ def collect(conn: psycopg.Connection, statement: sql.Composable) -> tuple[int, l
 
 
 @pytest.fixture
-def conn(make_db):
-    with psycopg.connect(make_db("copy")) as conn:
+def dsn(make_db) -> str:
+    return make_db("copy")
+
+
+@pytest.fixture
+def conn(dsn):
+    with psycopg.connect(dsn) as conn:
         conn.execute("SET TIME ZONE 'UTC'")
         yield conn
 
@@ -92,3 +98,39 @@ def test_interrupted_copy_is_cancelled_and_the_transaction_can_roll_back(conn, m
         backup._copy_out(conn, copy_of(ENDLESS, 0), stop)
     assert time.monotonic() - started < 15
     assert conn.execute("SELECT count(*) FROM kept").fetchone() == (0,)  # rolled back, connection fine
+
+
+def test_a_signal_while_the_copy_waits_for_a_lock_interrupts_it(conn, dsn):
+    """A stopped task gets SIGTERM, whose handler raises: the wait must be interruptible even before
+    the first row (here the COPY waits behind another session's lock), and leave the connection usable."""
+    conn.execute("CREATE TABLE locked (n int)")
+    conn.execute("SET lock_timeout = '10s'")  # if the wait cannot be interrupted, fail instead of hanging
+    conn.commit()
+    holder = psycopg.connect(dsn, autocommit=True)
+    try:
+        holder.execute("BEGIN")
+        holder.execute("LOCK TABLE locked IN ACCESS EXCLUSIVE MODE")
+
+        class Stopped(Exception):
+            pass
+
+        def handler(signum, frame):
+            raise Stopped
+
+        previous = signal.signal(signal.SIGALRM, handler)
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        started = time.monotonic()
+        try:
+            with pytest.raises(Stopped), conn.transaction():
+                collect(conn, sql.SQL("COPY locked TO STDOUT"))
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        assert time.monotonic() - started < 5  # interrupted in the wait, not when the lock timed out
+        assert conn.execute("SELECT 41 + 1").fetchone() == (42,)
+        waiting = holder.execute(
+            "SELECT count(*) FROM pg_locks WHERE relation = 'locked'::regclass AND NOT granted"
+        ).fetchone()
+        assert waiting == (0,), "the cancelled COPY still waits for the lock"
+    finally:
+        holder.close()

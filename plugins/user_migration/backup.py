@@ -101,13 +101,33 @@ def _next_result(pgconn: pq.abc.PGconn, poller: select.poll) -> pq.abc.PGresult 
 
 
 def _drain(pgconn: pq.abc.PGconn, poller: select.poll) -> None:
-    """Read and drop the rest of a COPY and its results (after a cancel, usually a few messages)."""
-    while (size := pgconn.get_copy_data(1)[0]) >= 0:
-        if size == 0:
+    """Read and drop whatever the query in flight still sends (after a cancel, usually little)."""
+    while (result := _next_result(pgconn, poller)) is not None:
+        if result.status == pq.ExecStatus.COPY_OUT:
+            while (size := pgconn.get_copy_data(1)[0]) >= 0:
+                if size == 0:
+                    poller.poll()
+                    pgconn.consume_input()
+
+
+def _read_copy(
+    pgconn: pq.abc.PGconn, poller: select.poll, on_chunk: Callable[[bytearray], None]
+) -> bytearray:
+    """Hand the rows of a COPY in progress to ``on_chunk`` in chunks; returns the last, partial one."""
+    get = pgconn.get_copy_data
+    buffer = bytearray()
+    while True:
+        size, data = get(1)
+        if size > 0:
+            buffer += data
+            if len(buffer) >= WRITE_CHUNK:
+                on_chunk(buffer)
+                buffer = bytearray()
+        elif size == 0:  # nothing buffered: wait for the socket
             poller.poll()
             pgconn.consume_input()
-    while _next_result(pgconn, poller) is not None:
-        pass
+        else:
+            return buffer
 
 
 def _copy_out(
@@ -123,50 +143,27 @@ def _copy_out(
     and drained, leaving the connection usable for its rollback.
     """
     pgconn = conn.pgconn
-    encoding = conn.info.encoding
     poller = select.poll()
     poller.register(pgconn.socket, select.POLLIN)
     pgconn.send_query(statement.as_bytes(conn))
-    result = _next_result(pgconn, poller)
-    if result is None or result.status != pq.ExecStatus.COPY_OUT:
-        while _next_result(pgconn, poller) is not None:
-            pass
-        raise (
-            psycopg.errors.error_from_result(result, encoding=encoding)
-            if result
-            else MigrationError("COPY returned no result")
-        )
-    get = pgconn.get_copy_data
-    buffer = bytearray()
     try:
-        while True:
-            size, data = get(1)
-            if size > 0:
-                buffer += data
-                if len(buffer) >= WRITE_CHUNK:
-                    on_chunk(buffer)
-                    buffer = bytearray()
-            elif size == 0:  # nothing buffered: wait for the socket
-                poller.poll()
-                pgconn.consume_input()
-            else:
-                break
+        result = _next_result(pgconn, poller)
+        copying = result is not None and result.status == pq.ExecStatus.COPY_OUT
+        rest = _read_copy(pgconn, poller, on_chunk) if copying else bytearray()
     except BaseException:
         with contextlib.suppress(Exception):  # the connection may be what failed: keep the first error
             conn.cancel_safe()
             _drain(pgconn, poller)
         raise
-    result = _next_result(pgconn, poller)
-    while _next_result(pgconn, poller) is not None:
-        pass
+    if copying:
+        result = _next_result(pgconn, poller)
+    _drain(pgconn, poller)
     if result is None or result.status != pq.ExecStatus.COMMAND_OK:
-        raise (
-            psycopg.errors.error_from_result(result, encoding=encoding)
-            if result
-            else MigrationError("COPY ended without a result")
-        )
-    if buffer:
-        on_chunk(buffer)
+        if result is None:
+            raise MigrationError("COPY ended without a result from the server")
+        raise psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
+    if rest:
+        on_chunk(rest)
     return int(result.command_tuples or 0)
 
 
