@@ -158,9 +158,9 @@ def _copy_out(
     if copying:
         result = _next_result(pgconn, poller)
     _drain(pgconn, poller)
-    if result is None or result.status != pq.ExecStatus.COMMAND_OK:
-        if result is None:
-            raise MigrationError("COPY ended without a result from the server")
+    if result is None:
+        raise MigrationError("COPY ended without a result from the server")
+    if result.status != pq.ExecStatus.COMMAND_OK:
         raise psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
     if rest:
         on_chunk(rest)
