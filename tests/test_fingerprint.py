@@ -1,4 +1,4 @@
-"""partition_copy.fingerprint() and include/sql/cutover/target_checksum.sql must agree to the bit.
+"""partition_copy.fingerprint() and include/sql/cutover/row_fingerprint.sql must agree to the bit.
 
 The cutover proves source and target equal by comparing the sum of the Python fingerprints kept in
 source_state with the SQL checksum of the target: any drift between the two blocks every cutover.
@@ -10,8 +10,8 @@ import datetime as dt
 
 import psycopg
 
-from user_migration.db import ensure_audit_schema, read_sql
-from user_migration.partition_copy import fingerprint
+from user_migration.db import ensure_audit_schema
+from user_migration.partition_copy import fingerprint, target_checksum_sql
 from user_migration.schema import apply_schema
 from user_migration.transforms import NewUser
 
@@ -76,7 +76,7 @@ def test_python_and_sql_fingerprints_agree(make_db):
             now = dt.datetime.now(dt.UTC)
             for user in USERS:
                 copy.write_row((*user, now, now))
-        count, checksum = conn.execute(read_sql("cutover/target_checksum.sql")).fetchone()
+        count, checksum = conn.execute(target_checksum_sql()).fetchone()
     assert count == len(USERS)
     assert checksum == sum(fingerprint(u) for u in USERS)
     assert len({fingerprint(u) for u in USERS}) == len(USERS)

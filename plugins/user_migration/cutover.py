@@ -29,7 +29,7 @@ from user_migration.config import Settings
 from user_migration.db import read_sql
 from user_migration.errors import MigrationError
 from user_migration.finalize import init_profiles
-from user_migration.partition_copy import copy_partition
+from user_migration.partition_copy import copy_partition, target_checksum_sql
 from user_migration.plan import make_plan
 
 READ_ONLY_FUNCTION = "user_migration_read_only"
@@ -216,7 +216,7 @@ def _prove_equal(
     rejected = target.execute(
         "SELECT count(*) FROM migration_audit.rejected_rows WHERE run_id = %s", (sync_run,)
     ).fetchone()[0]
-    target_rows, target_checksum = target.execute(read_sql("cutover/target_checksum.sql")).fetchone()
+    target_rows, target_checksum = target.execute(target_checksum_sql()).fetchone()
     proof = {
         "source_rows": source_rows,
         "target_rows": target_rows,

@@ -89,7 +89,7 @@ class PartitionResult:
 
 
 def fingerprint(user: NewUser) -> int:
-    """A 64-bit fingerprint of a target row; include/sql/cutover/target_checksum.sql computes the same in SQL."""
+    """A 64-bit fingerprint of a target row; include/sql/cutover/row_fingerprint.sql computes the same in SQL."""
     last_login = user.last_login
     text = "\x1f".join(
         (
@@ -110,6 +110,16 @@ def fingerprint(user: NewUser) -> int:
         )
     )
     return int.from_bytes(hashlib.md5(text.encode()).digest()[:8], "big", signed=True)
+
+
+def fingerprint_sql() -> sql.SQL:
+    """fingerprint() as a SQL expression over an account_newuser row's bare column names."""
+    return sql.SQL(read_sql("cutover/row_fingerprint.sql"))
+
+
+def target_checksum_sql() -> sql.Composed:
+    """(row count, sum of every row's fingerprint) of account_newuser."""
+    return sql.SQL(read_sql("cutover/target_checksum.sql")).format(fingerprint=fingerprint_sql())
 
 
 def row_hash_sql(mapping: LegacyMapping) -> sql.Composed:
