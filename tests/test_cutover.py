@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from pipeline import run_stages, snapshot
 
-from user_migration import lease
+from user_migration import lease, rollback
 from user_migration.backup import run_backup
 from user_migration.config import Settings
 from user_migration.cutover import CutoverOptions, CutoverRefused, active_cutover, run_cutover
@@ -191,7 +191,9 @@ def test_later_passes_see_the_cutover(legacy, backup_dir):
         cutover(legacy, "pass-2")
 
 
-def test_rollback_carries_back_every_change_made_after_the_cutover(legacy, backup_dir):
+@pytest.mark.parametrize("batch", [1, 10_000])  # the changed rows are read a batch at a time
+def test_rollback_carries_back_every_change_made_after_the_cutover(legacy, backup_dir, batch, monkeypatch):
+    monkeypatch.setattr(rollback, "BATCH", batch)
     validated_pass(legacy, "pass-1", backup_dir)
     cutover(legacy, "pass-1")
     login = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.UTC)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gzip
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -25,125 +26,165 @@ from psycopg import sql
 from user_migration.backup import verify_backup
 from user_migration.config import FIELDS, Settings
 from user_migration.cutover import active_cutover, set_legacy_read_only
-from user_migration.db import legacy_select_list
+from user_migration.db import legacy_select_list, read_sql
 from user_migration.errors import MigrationError
-from user_migration.partition_copy import fingerprint
+from user_migration.partition_copy import fingerprint_sql
 from user_migration.transforms import LegacyRow, NewUser, Transformer
 
 CARRIED_FIELDS = [f for f in FIELDS if f != "id"]
 
 
+BATCH = 10_000
+
+
 def carry_back(
     legacy: psycopg.Connection, target: psycopg.Connection, settings: Settings, by: str, rollback_run: str
 ) -> dict[str, Any]:
-    """Roll back the active cutover; one transaction per database (one in all when they are the same)."""
+    """Roll back the active cutover; one transaction per database (one in all when they are the same).
+
+    Deleted users go first and inserted ones last, so keys freed by one change are free for the next.
+    SQL finds the rows that changed since the cutover (their fingerprint differs from the sync
+    state's) and they are read a batch at a time, so memory does not grow with the table.
+    """
     cut = active_cutover(target)
     if cut is None:
         raise MigrationError("there is no active cutover to roll back (migration_audit.cutovers)")
     same = legacy is target
-    mapping = settings.mapping
-    users = sql.Identifier(mapping.schema, mapping.users_table)
-    id_column = sql.Identifier(mapping.column("id"))
-    transformer = Transformer(settings.phone_region, settings.invalid_phone, today=dt.date.max)
     counts = {"inserted": 0, "updated": 0, "deleted": 0}
     with legacy.transaction(), nullcontext() if same else target.transaction():
         set_legacy_read_only(legacy, settings, None)
-        state = dict(
-            target.execute(
-                "SELECT source_id, fingerprint FROM migration_audit.source_state WHERE outcome = 'M'"
-            ).fetchall()
-        )
-        current = {
-            row[0]: NewUser(*row)
-            for row in target.execute(
-                "SELECT id, password, last_login, is_superuser, email, username, full_name, date_of_birth, "
-                "phone_number, is_active, is_staff FROM account_newuser"
-            ).fetchall()
-        }
-        new_ids = sorted(set(current) - set(state))
-        deleted_ids = sorted(set(state) - set(current))
-        changed_ids = sorted(i for i in set(current) & set(state) if fingerprint(current[i]) != state[i])
-        limits = _column_limits(legacy, settings)
-        records: list[tuple[int, str, str | None]] = []
-
-        if deleted_ids:
-            for link in (mapping.groups, mapping.permissions):
-                if link is not None:
-                    legacy.execute(
-                        sql.SQL("DELETE FROM {} WHERE {} = ANY(%s)").format(
-                            sql.Identifier(mapping.schema, link.table), sql.Identifier(link.user_column)
-                        ),
-                        (deleted_ids,),
-                    )
-            counts["deleted"] = legacy.execute(
-                sql.SQL("DELETE FROM {} WHERE {} = ANY(%s)").format(users, id_column), (deleted_ids,)
-            ).rowcount
-            records += [(i, "delete", None) for i in deleted_ids]
-
-        mapped = [(f, mapping.column(f)) for f in CARRIED_FIELDS if mapping.column(f) is not None]
-        if changed_ids:
-            select = sql.SQL("SELECT {} FROM {} WHERE {} = ANY(%s)").format(
-                legacy_select_list(mapping), users, id_column
-            )
-            for values in legacy.execute(select, (changed_ids,)).fetchall():
-                was, _, _ = transformer.transform(LegacyRow(*values))
-                now = current[values[0]]
-                fields = [f for f, _ in mapped if was is None or getattr(was, f) != getattr(now, f)]
-                if not fields:
-                    continue
-                assignments = sql.SQL(", ").join(
-                    sql.SQL("{} = %s").format(sql.Identifier(mapping.column(f))) for f in fields
-                )
-                legacy.execute(
-                    sql.SQL("UPDATE {} SET {} WHERE {} = %s").format(users, assignments, id_column),
-                    [_fit(getattr(now, f), limits.get(mapping.column(f)), f, values[0]) for f in fields]
-                    + [values[0]],
-                )
-                counts["updated"] += 1
-                records.append((values[0], "update", ",".join(fields)))
-
-        if new_ids:
-            columns = [mapping.column("id")] + [column for _, column in mapped]
-            insert = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
-                users,
-                sql.SQL(", ").join(map(sql.Identifier, columns)),
-                sql.SQL(", ").join(sql.Placeholder() * len(columns)),
-            )
-            for user_id in new_ids:
-                user = current[user_id]
-                values = [user_id] + [_fit(getattr(user, f), limits.get(c), f, user_id) for f, c in mapped]
-                try:
-                    with legacy.transaction():
-                        legacy.execute(insert, values)
-                except psycopg.errors.UniqueViolation as exc:
-                    raise MigrationError(
-                        f"rollback stopped, nothing changed: new user {user_id} cannot be carried back, the legacy "
-                        f"table already holds its key ({exc.diag.constraint_name}); resolve that row by hand and "
-                        "run the rollback again"
-                    ) from None
-                counts["inserted"] += 1
-                records.append((user_id, "insert", None))
-            legacy.execute(
-                sql.SQL("SELECT setval(pg_get_serial_sequence({}, {}), (SELECT max({}) FROM {}))").format(
-                    sql.Literal(f"{mapping.schema}.{mapping.users_table}"),
-                    sql.Literal(mapping.column("id")),
-                    id_column,
-                    users,
-                )
-            )
-
-        with target.cursor() as cur:
-            cur.executemany(
-                "INSERT INTO migration_audit.rollback_rows (cutover_id, run_id, source_id, action, detail) "
-                "VALUES (%s, %s, %s, %s, %s)",
-                [(cut["id"], rollback_run, i, action, detail) for i, action, detail in records],
-            )
+        carry = _Carrier(legacy, target, settings, cut["id"], rollback_run)
+        for ids in _batches(target, "rollback_deleted", sql.SQL(read_sql("rollback/deleted_users.sql"))):
+            counts["deleted"] += carry.delete([row[0] for row in ids])
+        changed = sql.SQL(read_sql("rollback/changed_users.sql")).format(fingerprint=fingerprint_sql())
+        for rows in _batches(target, "rollback_changed", changed, {"new": False}):
+            counts["updated"] += carry.update([NewUser(*row) for row in rows])
+        for rows in _batches(target, "rollback_new", changed, {"new": True}):
+            counts["inserted"] += carry.insert([NewUser(*row) for row in rows])
+        if counts["inserted"]:
+            carry.advance_sequence()
         target.execute(
             "UPDATE migration_audit.cutovers SET state = 'rolled_back', rolled_back_at = now(), "
             "rolled_back_by = %s WHERE id = %s",
             (by, cut["id"]),
         )
     return {"cutover_id": cut["id"], "cutover_run_id": cut["run_id"], **counts}
+
+
+def _batches(
+    conn: psycopg.Connection, name: str, query: sql.Composable, params: dict[str, Any] | None = None
+) -> Iterator[list[tuple[Any, ...]]]:
+    """The rows of ``query`` BATCH at a time, through a server-side cursor of the open transaction."""
+    with conn.cursor(name=name) as cur:
+        cur.execute(query, params)
+        while rows := cur.fetchmany(BATCH):
+            yield rows
+
+
+class _Carrier:
+    """Writes target changes into the legacy tables and records each in migration_audit.rollback_rows."""
+
+    def __init__(
+        self,
+        legacy: psycopg.Connection,
+        target: psycopg.Connection,
+        settings: Settings,
+        cutover_id: int,
+        run: str,
+    ) -> None:
+        self.legacy, self.target, self.cutover_id, self.run = legacy, target, cutover_id, run
+        mapping = settings.mapping
+        self.mapping = mapping
+        self.users = sql.Identifier(mapping.schema, mapping.users_table)
+        self.id_column = sql.Identifier(mapping.column("id"))
+        self.mapped = [(f, mapping.column(f)) for f in CARRIED_FIELDS if mapping.column(f) is not None]
+        self.limits = _column_limits(legacy, settings)
+        self.transformer = Transformer(settings.phone_region, settings.invalid_phone, today=dt.date.max)
+
+    def _record(self, records: list[tuple[int, str, str | None]]) -> None:
+        with self.target.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO migration_audit.rollback_rows (cutover_id, run_id, source_id, action, detail) "
+                "VALUES (%s, %s, %s, %s, %s)",
+                [(self.cutover_id, self.run, i, action, detail) for i, action, detail in records],
+            )
+
+    def delete(self, ids: list[int]) -> int:
+        """Users deleted in the target, with their links (which would otherwise block the delete)."""
+        mapping = self.mapping
+        for link in (mapping.groups, mapping.permissions):
+            if link is not None:
+                self.legacy.execute(
+                    sql.SQL("DELETE FROM {} WHERE {} = ANY(%s)").format(
+                        sql.Identifier(mapping.schema, link.table), sql.Identifier(link.user_column)
+                    ),
+                    (ids,),
+                )
+        deleted = self.legacy.execute(
+            sql.SQL("DELETE FROM {} WHERE {} = ANY(%s)").format(self.users, self.id_column), (ids,)
+        ).rowcount
+        self._record([(i, "delete", None) for i in ids])
+        return deleted
+
+    def update(self, users: list[NewUser]) -> int:
+        """Changed users: only the fields whose value differs from the legacy row's transformed value."""
+        current = {user.id: user for user in users}
+        select = sql.SQL("SELECT {} FROM {} WHERE {} = ANY(%s)").format(
+            legacy_select_list(self.mapping), self.users, self.id_column
+        )
+        records: list[tuple[int, str, str | None]] = []
+        for values in self.legacy.execute(select, (list(current),)).fetchall():
+            was, _, _ = self.transformer.transform(LegacyRow(*values))
+            now = current[values[0]]
+            fields = [f for f, _ in self.mapped if was is None or getattr(was, f) != getattr(now, f)]
+            if not fields:
+                continue
+            assignments = sql.SQL(", ").join(
+                sql.SQL("{} = %s").format(sql.Identifier(self.mapping.column(f))) for f in fields
+            )
+            self.legacy.execute(
+                sql.SQL("UPDATE {} SET {} WHERE {} = %s").format(self.users, assignments, self.id_column),
+                [_fit(getattr(now, f), self.limits.get(self.mapping.column(f)), f, values[0]) for f in fields]
+                + [values[0]],
+            )
+            records.append((values[0], "update", ",".join(fields)))
+        self._record(records)
+        return len(records)
+
+    def insert(self, users: list[NewUser]) -> int:
+        """Users the application created after the cutover, with their ids."""
+        columns = [self.mapping.column("id")] + [column for _, column in self.mapped]
+        insert = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+            self.users,
+            sql.SQL(", ").join(map(sql.Identifier, columns)),
+            sql.SQL(", ").join(sql.Placeholder() * len(columns)),
+        )
+        for user in users:
+            values = [user.id] + [
+                _fit(getattr(user, f), self.limits.get(c), f, user.id) for f, c in self.mapped
+            ]
+            try:
+                with self.legacy.transaction():
+                    self.legacy.execute(insert, values)
+            except psycopg.errors.UniqueViolation as exc:
+                raise MigrationError(
+                    f"rollback stopped, nothing changed: new user {user.id} cannot be carried back, the legacy "
+                    f"table already holds its key ({exc.diag.constraint_name}); resolve that row by hand and "
+                    "run the rollback again"
+                ) from None
+        self._record([(user.id, "insert", None) for user in users])
+        return len(users)
+
+    def advance_sequence(self) -> None:
+        mapping = self.mapping
+        self.legacy.execute(
+            sql.SQL("SELECT setval(pg_get_serial_sequence({}, {}), (SELECT max({}) FROM {}))").format(
+                sql.Literal(f"{mapping.schema}.{mapping.users_table}"),
+                sql.Literal(mapping.column("id")),
+                self.id_column,
+                self.users,
+            )
+        )
 
 
 def _column_limits(legacy: psycopg.Connection, settings: Settings) -> dict[str, int]:
