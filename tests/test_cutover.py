@@ -208,9 +208,17 @@ def test_rollback_carries_back_every_change_made_after_the_cutover(legacy, backu
         conn.execute("UPDATE account_newuser SET last_login = %s WHERE id = 2", (login,))
         conn.execute("UPDATE account_newuser SET is_active = false, is_staff = true WHERE id = 10")
         conn.execute("DELETE FROM account_newuser WHERE id = 27")
+        # Links: user 1 leaves "editors" (link 104) and joins "customers"; the new user joins
+        # "support"; user 2 gains a permission under an id the legacy table uses for rejected user 28 (202).
+        conn.execute("DELETE FROM account_newuser_groups WHERE id = 104")
+        conn.execute("INSERT INTO account_newuser_groups (newuser_id, group_id) VALUES (1, 1), (1000, 2)")
+        conn.execute(
+            "INSERT INTO account_newuser_user_permissions (id, newuser_id, permission_id) VALUES (202, 2, 3)"
+        )
     with psycopg.connect(legacy, autocommit=True) as conn:
         result = carry_back(conn, conn, SETTINGS, "test", "rollback-1")
     assert (result["inserted"], result["updated"], result["deleted"]) == (1, 3, 1)
+    assert (result["links_added"], result["links_removed"]) == (3, 1)
     with psycopg.connect(legacy) as conn:
         rows = {
             r[0]: r
@@ -235,13 +243,49 @@ def test_rollback_carries_back_every_change_made_after_the_cutover(legacy, backu
         assert rows[2][5] == "  bob@gmail.com "
         assert conn.execute(
             "SELECT action, count(*) FROM migration_audit.rollback_rows GROUP BY action ORDER BY action"
-        ).fetchall() == [("delete", 1), ("insert", 1), ("update", 3)]
+        ).fetchall() == [
+            ("delete", 1),
+            ("insert", 1),
+            ("links:account_user_groups", 2),
+            ("links:account_user_user_permissions", 1),
+            ("update", 3),
+        ]
+        assert conn.execute(
+            "SELECT source_id, detail FROM migration_audit.rollback_rows WHERE action LIKE 'links:%' "
+            "ORDER BY action, source_id"
+        ).fetchall() == [(1, "+1 -1"), (1000, "+1 -0"), (2, "+1 -0")]
+        # User 28 was rejected, so only the legacy side has it: its links (103, 202) stay as they were.
+        assert conn.execute("SELECT user_id, group_id FROM account_user_groups ORDER BY 1, 2").fetchall() == [
+            (1, 1),
+            (28, 1),
+            (1000, 2),
+        ]
+        permissions = conn.execute(
+            "SELECT id, user_id, permission_id FROM account_user_user_permissions ORDER BY id"
+        )
+        permissions = permissions.fetchall()
+        assert [p[1:] for p in permissions] == [(28, 2), (40, 3), (2, 3)]
+        assert permissions[2][0] > 203  # 202 was taken on the legacy side: a new id
+        conn.execute("INSERT INTO account_user_user_permissions (user_id, permission_id) VALUES (40, 1)")
         assert active_cutover(conn) is None
         conn.execute("UPDATE account_user SET full_name = 'Writable Again' WHERE id = 11")
         conn.commit()
     # Passes resume and bring the target in line with the legacy table again.
     run_stages(legacy, legacy, SETTINGS, "pass-2", backup_dir)
     assert migrated(legacy) == expected_target(legacy, dt.date.today())
+    with psycopg.connect(legacy) as conn:
+        for legacy_links, target_links, user, other in (
+            ("account_user_groups", "account_newuser_groups", "user_id", "group_id"),
+            ("account_user_user_permissions", "account_newuser_user_permissions", "user_id", "permission_id"),
+        ):
+            expected = conn.execute(
+                f"SELECT id, {user}, {other} FROM {legacy_links} WHERE {user} IN (SELECT id FROM account_newuser) "
+                "ORDER BY id"
+            ).fetchall()
+            assert (
+                conn.execute(f"SELECT id, newuser_id, {other} FROM {target_links} ORDER BY id").fetchall()
+                == expected
+            )
 
 
 def test_restore_reproduces_the_legacy_tables_and_refuses_a_tampered_backup(legacy, backup_dir):
@@ -306,3 +350,56 @@ def test_writer_lease_keeps_two_runs_apart(legacy):
         second.execute("UPDATE migration_audit.writer_lease SET renewed_at = now() - interval '2 hours'")
         lease.acquire(first, "run-c", "user_migration", wait_seconds=1, stale_minutes=30)
         assert first.execute("SELECT run_id FROM migration_audit.writer_lease").fetchone()[0] == "run-c"
+
+
+def test_rollback_into_a_separate_legacy_database_refuses_a_link_to_a_missing_group(make_db, backup_dir):
+    """Target and legacy on different databases: the changes cross between two connections, and a link
+    the legacy side cannot hold (its group does not exist there) stops the rollback with nothing changed."""
+    legacy_db, target_db = make_db("src"), make_db("dst")
+    fx.load(legacy_db)
+    result = run_stages(legacy_db, target_db, SETTINGS, "sep-1", backup_dir)
+    with psycopg.connect(target_db) as conn:
+        conn.execute(
+            "INSERT INTO migration_audit.validation_results (run_id, expectation, success) "
+            "VALUES ('sep-1', 'every_source_row_accounted', %s)",
+            (result["migrated"] + result["rejected"] == result["source_rows"],),
+        )
+    with (
+        psycopg.connect(legacy_db, autocommit=True) as src,
+        psycopg.connect(target_db, autocommit=True) as dst,
+    ):
+        run_cutover(src, dst, SETTINGS, "sep-1", dt.date.today(), "test", CutoverOptions())
+    with psycopg.connect(target_db) as conn:  # the application, on the new database
+        conn.execute("UPDATE account_newuser SET full_name = 'Renamed' WHERE id = 1")
+        conn.execute("INSERT INTO account_newuser_groups (newuser_id, group_id) VALUES (2, 1), (2, 99)")
+
+    def legacy_state() -> tuple:
+        with psycopg.connect(legacy_db) as conn:
+            return (
+                conn.execute("SELECT id, full_name FROM account_user ORDER BY id").fetchall(),
+                conn.execute("SELECT * FROM account_user_groups ORDER BY id").fetchall(),
+            )
+
+    before = legacy_state()
+    with (
+        psycopg.connect(legacy_db, autocommit=True) as src,
+        psycopg.connect(target_db, autocommit=True) as dst,
+    ):
+        with pytest.raises(
+            MigrationError, match=r"rollback stopped, nothing changed: a link in account_newuser_groups"
+        ):
+            carry_back(src, dst, SETTINGS, "test", "rollback-sep")
+        assert active_cutover(dst) is not None
+    assert legacy_state() == before
+
+    with psycopg.connect(target_db) as conn:
+        conn.execute("DELETE FROM account_newuser_groups WHERE group_id = 99")
+    with (
+        psycopg.connect(legacy_db, autocommit=True) as src,
+        psycopg.connect(target_db, autocommit=True) as dst,
+    ):
+        result = carry_back(src, dst, SETTINGS, "test", "rollback-sep")
+    assert (result["updated"], result["links_added"], result["links_removed"]) == (1, 1, 0)
+    users, groups = legacy_state()
+    assert dict(users)[1] == "Renamed"
+    assert sorted(g[1:] for g in groups) == sorted([*(g[1:] for g in fx.GROUP_LINKS), (2, 1)])

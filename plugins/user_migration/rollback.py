@@ -28,7 +28,7 @@ from user_migration.config import FIELDS, Settings
 from user_migration.cutover import active_cutover, set_legacy_read_only
 from user_migration.db import legacy_select_list, read_sql
 from user_migration.errors import MigrationError
-from user_migration.partition_copy import fingerprint_sql
+from user_migration.partition_copy import TARGET_LINKS, fingerprint_sql
 from user_migration.transforms import LegacyRow, NewUser, Transformer
 
 CARRIED_FIELDS = [f for f in FIELDS if f != "id"]
@@ -42,15 +42,16 @@ def carry_back(
 ) -> dict[str, Any]:
     """Roll back the active cutover; one transaction per database (one in all when they are the same).
 
-    Deleted users go first and inserted ones last, so keys freed by one change are free for the next.
-    SQL finds the rows that changed since the cutover (their fingerprint differs from the sync
-    state's) and they are read a batch at a time, so memory does not grow with the table.
+    Deleted users go first and inserted ones last, so keys freed by one change are free for the next;
+    then the group and permission links of every user in the target are made the target's. SQL finds
+    the rows that changed since the cutover (their fingerprint differs from the sync state's) and
+    they are read a batch at a time, so memory does not grow with the table.
     """
     cut = active_cutover(target)
     if cut is None:
         raise MigrationError("there is no active cutover to roll back (migration_audit.cutovers)")
     same = legacy is target
-    counts = {"inserted": 0, "updated": 0, "deleted": 0}
+    counts = {"inserted": 0, "updated": 0, "deleted": 0, "links_added": 0, "links_removed": 0}
     with legacy.transaction(), nullcontext() if same else target.transaction():
         set_legacy_read_only(legacy, settings, None)
         carry = _Carrier(legacy, target, settings, cut["id"], rollback_run)
@@ -63,6 +64,7 @@ def carry_back(
             counts["inserted"] += carry.insert([NewUser(*row) for row in rows])
         if counts["inserted"]:
             carry.advance_sequence()
+        counts.update(carry.links())
         target.execute(
             "UPDATE migration_audit.cutovers SET state = 'rolled_back', rolled_back_at = now(), "
             "rolled_back_by = %s WHERE id = %s",
@@ -79,6 +81,16 @@ def _batches(
         cur.execute(query, params)
         while rows := cur.fetchmany(BATCH):
             yield rows
+
+
+def _stream(
+    source: psycopg.Connection, name: str, query: sql.Composable, dest: psycopg.Connection, copy: str
+) -> None:
+    """Rows of ``query`` into ``dest`` by COPY, a batch at a time (the two may be one connection)."""
+    for rows in _batches(source, name, query):
+        with dest.cursor() as cur, cur.copy(copy) as out:
+            for row in rows:
+                out.write_row(row)
 
 
 class _Carrier:
@@ -174,6 +186,72 @@ class _Carrier:
                 ) from None
         self._record([(user.id, "insert", None) for user in users])
         return len(users)
+
+    def links(self) -> dict[str, int]:
+        """Make the legacy links of every user in the target equal to the target's links.
+
+        Users only in the legacy table (rejected by the migration) keep theirs; deleted users lost
+        theirs with them. Links keep the target's id unless the legacy table already uses it. Each
+        user whose links changed is recorded once per link table, with how many were added and removed.
+        """
+        legacy, target, mapping = self.legacy, self.target, self.mapping
+        legacy.execute("CREATE TEMP TABLE rollback_scope (id bigint PRIMARY KEY) ON COMMIT DROP")
+        legacy.execute(
+            "CREATE TEMP TABLE rollback_links (id bigint, user_id bigint, other_id bigint) ON COMMIT DROP"
+        )
+        legacy.execute(
+            "CREATE TEMP TABLE rollback_link_changes (user_id bigint, added int, removed int) ON COMMIT DROP"
+        )
+        _stream(
+            target,
+            "rollback_scope",
+            sql.SQL("SELECT id FROM account_newuser ORDER BY id"),
+            legacy,
+            "COPY rollback_scope (id) FROM STDIN",
+        )
+        legacy.execute("ANALYZE rollback_scope")
+        totals = {"links_added": 0, "links_removed": 0}
+        for key, link in (("groups", mapping.groups), ("permissions", mapping.permissions)):
+            if link is None:
+                continue
+            table, other = TARGET_LINKS[key]
+            legacy.execute("TRUNCATE rollback_links, rollback_link_changes")
+            _stream(
+                target,
+                "rollback_links",
+                sql.SQL("SELECT id, newuser_id, {} FROM {} ORDER BY id").format(
+                    sql.Identifier(other), sql.Identifier(table)
+                ),
+                legacy,
+                "COPY rollback_links (id, user_id, other_id) FROM STDIN",
+            )
+            legacy.execute("ANALYZE rollback_links")
+            statements = sql.SQL(read_sql("rollback/carry_links.sql")).format(
+                link=sql.Identifier(mapping.schema, link.table),
+                qualified=sql.Literal(f"{mapping.schema}.{link.table}"),
+                user=sql.Identifier(link.user_column),
+                other=sql.Identifier(link.other_column),
+            )
+            try:
+                with legacy.transaction():
+                    legacy.execute(statements)
+                    legacy.execute("SET CONSTRAINTS ALL IMMEDIATE")  # a missing group fails here, by name
+            except psycopg.errors.ForeignKeyViolation as exc:
+                raise MigrationError(
+                    f"rollback stopped, nothing changed: a link in {table} cannot be carried back to "
+                    f"{mapping.schema}.{link.table} ({exc.diag.message_detail or exc.diag.constraint_name}); "
+                    "create what it points at on the legacy side, or remove the link, and run the rollback again"
+                ) from None
+            per_user = sql.SQL(
+                "SELECT user_id, sum(added), sum(removed) FROM rollback_link_changes GROUP BY user_id ORDER BY user_id"
+            )
+            for rows in _batches(legacy, "rollback_link_changes", per_user):
+                self._record(
+                    [(uid, f"links:{link.table}", f"+{added} -{removed}") for uid, added, removed in rows]
+                )
+                totals["links_added"] += sum(row[1] for row in rows)
+                totals["links_removed"] += sum(row[2] for row in rows)
+        return totals
 
     def advance_sequence(self) -> None:
         mapping = self.mapping
