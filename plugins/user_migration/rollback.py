@@ -195,13 +195,18 @@ class _Carrier:
         user whose links changed is recorded once per link table, with how many were added and removed.
         """
         legacy, target, mapping = self.legacy, self.target, self.mapping
-        legacy.execute("CREATE TEMP TABLE rollback_scope (id bigint PRIMARY KEY) ON COMMIT DROP")
         legacy.execute(
-            "CREATE TEMP TABLE rollback_links (id bigint, user_id bigint, other_id bigint) ON COMMIT DROP"
+            "CREATE TEMP TABLE IF NOT EXISTS rollback_scope (id bigint PRIMARY KEY) ON COMMIT DROP"
         )
         legacy.execute(
-            "CREATE TEMP TABLE rollback_link_changes (user_id bigint, added int, removed int) ON COMMIT DROP"
+            "CREATE TEMP TABLE IF NOT EXISTS rollback_links (id bigint, user_id bigint, other_id bigint) "
+            "ON COMMIT DROP"
         )
+        legacy.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS rollback_link_changes (user_id bigint, added int, removed int) "
+            "ON COMMIT DROP"
+        )
+        legacy.execute("TRUNCATE rollback_scope")
         _stream(
             target,
             "rollback_scope",
@@ -228,7 +233,7 @@ class _Carrier:
             legacy.execute("ANALYZE rollback_links")
             statements = sql.SQL(read_sql("rollback/carry_links.sql")).format(
                 link=sql.Identifier(mapping.schema, link.table),
-                qualified=sql.Literal(f"{mapping.schema}.{link.table}"),
+                qualified=sql.Literal(sql.Identifier(mapping.schema, link.table).as_string(legacy)),
                 user=sql.Identifier(link.user_column),
                 other=sql.Identifier(link.other_column),
             )
