@@ -112,6 +112,7 @@ class _Carrier:
         self.mapped = [(f, mapping.column(f)) for f in CARRIED_FIELDS if mapping.column(f) is not None]
         self.limits = _column_limits(legacy, settings)
         self.transformer = Transformer(settings.phone_region, settings.invalid_phone, today=dt.date.max)
+        self._staging = False
 
     def _record(self, records: list[tuple[int, str, str | None]]) -> None:
         with self.target.cursor() as cur:
@@ -145,23 +146,58 @@ class _Carrier:
             legacy_select_list(self.mapping), self.users, self.id_column
         )
         records: list[tuple[int, str, str | None]] = []
+        by_fields: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
         for values in self.legacy.execute(select, (list(current),)).fetchall():
             was, _, _ = self.transformer.transform(LegacyRow(*values))
             now = current[values[0]]
-            fields = [f for f, _ in self.mapped if was is None or getattr(was, f) != getattr(now, f)]
+            fields = tuple(f for f, _ in self.mapped if was is None or getattr(was, f) != getattr(now, f))
             if not fields:
                 continue
-            assignments = sql.SQL(", ").join(
-                sql.SQL("{} = %s").format(sql.Identifier(self.mapping.column(f))) for f in fields
-            )
-            self.legacy.execute(
-                sql.SQL("UPDATE {} SET {} WHERE {} = %s").format(self.users, assignments, self.id_column),
-                [_fit(getattr(now, f), self.limits.get(self.mapping.column(f)), f, values[0]) for f in fields]
-                + [values[0]],
+            by_fields.setdefault(fields, []).append(
+                (
+                    values[0],
+                    *(
+                        _fit(getattr(now, f), self.limits.get(self.mapping.column(f)), f, values[0])
+                        for f in fields
+                    ),
+                )
             )
             records.append((values[0], "update", ",".join(fields)))
+        for fields, rows in by_fields.items():
+            self._update(fields, rows)
         self._record(records)
         return len(records)
+
+    def _update(self, fields: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+        """One UPDATE for the users of a batch that changed the same fields: rows are (id, *values)."""
+        legacy, columns = self.legacy, [sql.Identifier(self.mapping.column(f)) for f in fields]
+        if not self._staging:
+            legacy.execute(
+                sql.SQL(
+                    "CREATE TEMP TABLE IF NOT EXISTS rollback_updates ON COMMIT DROP AS "
+                    "SELECT * FROM {} WITH NO DATA"
+                ).format(self.users)
+            )
+            self._staging = True
+        legacy.execute("TRUNCATE rollback_updates")
+        with (
+            legacy.cursor() as cur,
+            cur.copy(
+                sql.SQL("COPY rollback_updates ({}) FROM STDIN").format(
+                    sql.SQL(", ").join([self.id_column, *columns])
+                )
+            ) as copy,
+        ):
+            for row in rows:
+                copy.write_row(row)
+        legacy.execute(
+            sql.SQL("UPDATE {} AS u SET {} FROM rollback_updates AS r WHERE u.{} = r.{}").format(
+                self.users,
+                sql.SQL(", ").join(sql.SQL("{} = r.{}").format(c, c) for c in columns),
+                self.id_column,
+                self.id_column,
+            )
+        )
 
     def insert(self, users: list[NewUser]) -> int:
         """Users the application created after the cutover, with their ids."""
