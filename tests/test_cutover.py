@@ -403,3 +403,24 @@ def test_rollback_into_a_separate_legacy_database_refuses_a_link_to_a_missing_gr
     users, groups = legacy_state()
     assert dict(users)[1] == "Renamed"
     assert sorted(g[1:] for g in groups) == sorted([*(g[1:] for g in fx.GROUP_LINKS), (2, 1)])
+
+
+def test_rollback_that_breaks_a_legacy_unique_key_stops_with_nothing_changed(legacy, backup_dir):
+    """After the cutover user 1 takes the username that user 28 (rejected, so only on the legacy side)
+    still holds there: the rollback names the key and the user, not the value, and changes nothing."""
+    validated_pass(legacy, "pass-1", backup_dir)
+    cutover(legacy, "pass-1")
+    with psycopg.connect(legacy) as conn:
+        taken = conn.execute("SELECT username FROM account_user WHERE id = 28").fetchone()[0]
+        conn.execute("UPDATE account_newuser SET username = %s, full_name = 'Changed' WHERE id = 1", (taken,))
+        conn.execute("UPDATE account_newuser SET full_name = 'Also Changed' WHERE id = 2")
+        before = conn.execute("SELECT * FROM account_user ORDER BY id").fetchall()
+    with psycopg.connect(legacy, autocommit=True) as conn:
+        with pytest.raises(MigrationError) as raised:
+            carry_back(conn, conn, SETTINGS, "test", "rollback-1")
+        message = str(raised.value)
+        assert "rollback stopped, nothing changed" in message and "account_user_username_key" in message
+        assert "users 1" in message and taken not in message
+        assert active_cutover(conn) is not None
+        assert conn.execute("SELECT * FROM account_user ORDER BY id").fetchall() == before
+        assert conn.execute("SELECT count(*) FROM migration_audit.rollback_rows").fetchone() == (0,)

@@ -190,14 +190,24 @@ class _Carrier:
         ):
             for row in rows:
                 copy.write_row(row)
-        legacy.execute(
-            sql.SQL("UPDATE {} AS u SET {} FROM rollback_updates AS r WHERE u.{} = r.{}").format(
-                self.users,
-                sql.SQL(", ").join(sql.SQL("{} = r.{}").format(c, c) for c in columns),
-                self.id_column,
-                self.id_column,
-            )
+        update = sql.SQL("UPDATE {} AS u SET {} FROM rollback_updates AS r WHERE u.{} = r.{}").format(
+            self.users,
+            sql.SQL(", ").join(sql.SQL("{} = r.{}").format(c, c) for c in columns),
+            self.id_column,
+            self.id_column,
         )
+        try:
+            with legacy.transaction():
+                legacy.execute(update)
+        except psycopg.errors.UniqueViolation as exc:
+            # The key's value is personal data (a username, an email): name the constraint and the ids.
+            ids = ", ".join(str(row[0]) for row in rows[:20]) + (" ..." if len(rows) > 20 else "")
+            raise MigrationError(
+                f"rollback stopped, nothing changed: carrying back changed {', '.join(fields)} of users {ids} "
+                f"breaks the legacy unique key {exc.diag.constraint_name}; two users probably swapped values "
+                "after the cutover (one took the other's old value). Give one of them a temporary value in "
+                "the new table, run the rollback, then set it back in the legacy table"
+            ) from None
 
     def insert(self, users: list[NewUser]) -> int:
         """Users the application created after the cutover, with their ids."""
