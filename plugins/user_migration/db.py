@@ -6,6 +6,7 @@ too, with SQLAlchemy 2 and psycopg installed); nothing here imports Airflow.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,40 @@ def run_sql_file(
     text = Path(relative).read_text() if isinstance(relative, Path) else read_sql(relative)
     with conn.cursor() as cur:
         cur.execute(text.encode(), params, prepare=False)
+
+
+def fetch_batches(
+    conn: psycopg.Connection, name: str, query: sql.Composable, params: Any = None, size: int = 10_000
+) -> Iterator[list[tuple[Any, ...]]]:
+    """The rows of ``query``, ``size`` at a time, through a server-side cursor of the open transaction."""
+    with conn.cursor(name=name) as cur:
+        cur.itersize = size
+        cur.execute(query, params)
+        while rows := cur.fetchmany(size):
+            yield rows
+
+
+def copy_batches(
+    source: psycopg.Connection,
+    name: str,
+    query: sql.Composable,
+    params: Any,
+    dest: psycopg.Connection,
+    copy: str,
+    size: int = 10_000,
+) -> int:
+    """Rows of ``query`` on ``source`` into ``dest`` by COPY; returns how many.
+
+    Fetch, then write, a batch at a time: the two may be one connection (the cutover, a same-database
+    rollback), where a COPY cannot run while a cursor streams.
+    """
+    count = 0
+    for rows in fetch_batches(source, name, query, params, size):
+        with dest.cursor() as cur, cur.copy(copy) as out:
+            for row in rows:
+                out.write_row(row)
+        count += len(rows)
+    return count
 
 
 def ensure_audit_schema(conn: psycopg.Connection) -> None:

@@ -29,7 +29,15 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from user_migration.config import FIELDS, LegacyMapping, LinkTable, Settings
-from user_migration.db import MigrationError, legacy_select_list, read_sql, safe_error, users_table
+from user_migration.db import (
+    MigrationError,
+    copy_batches,
+    fetch_batches,
+    legacy_select_list,
+    read_sql,
+    safe_error,
+    users_table,
+)
 from user_migration.faults import kill_after_batch
 from user_migration.lease import hold as hold_lease
 from user_migration.transforms import (
@@ -399,11 +407,7 @@ def _rows_in_range(
     no: int,
 ) -> Iterator[list[tuple]]:
     query = sql.SQL("{} WHERE {} BETWEEN %s AND %s ORDER BY {}").format(select, id_column, id_column)
-    with source.cursor(name=f"partition_{no}") as cursor:
-        cursor.itersize = batch_size
-        cursor.execute(query, (lo, hi))
-        while rows := cursor.fetchmany(batch_size):
-            yield rows
+    yield from fetch_batches(source, f"partition_{no}", query, (lo, hi), batch_size)
 
 
 def _rows_by_id(
@@ -680,16 +684,14 @@ def _copy_links(
         "CREATE TEMP TABLE IF NOT EXISTS stage_links (id bigint, user_id bigint, other_id integer) ON COMMIT DROP"
     )
     target.execute("TRUNCATE stage_links")
-    # Fetch, then write: source and target may be one connection (the cutover), where a COPY
-    # cannot run while a cursor streams.
-    with source.cursor(name=f"links_{link.table}") as cur:
-        cur.itersize = 10_000
-        cur.execute(query, (lo, hi))
-        while rows := cur.fetchmany(10_000):
-            with target.cursor().copy("COPY stage_links (id, user_id, other_id) FROM STDIN") as copy:
-                for row in rows:
-                    copy.write_row(row)
-            result.links_in += len(rows)
+    result.links_in += copy_batches(
+        source,
+        f"links_{link.table}",
+        query,
+        (lo, hi),
+        target,
+        "COPY stage_links (id, user_id, other_id) FROM STDIN",
+    )
     names = {"links": sql.Identifier(table), "other": sql.Identifier(other)}
     params = {"lo": lo, "hi": hi}
     result.links_removed += target.execute(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 import gzip
-from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from psycopg import sql
 from user_migration.backup import verify_backup
 from user_migration.config import FIELDS, Settings
 from user_migration.cutover import active_cutover, set_legacy_read_only
-from user_migration.db import legacy_select_list, read_sql
+from user_migration.db import copy_batches, fetch_batches, legacy_select_list, read_sql
 from user_migration.errors import MigrationError
 from user_migration.partition_copy import TARGET_LINKS, fingerprint_sql
 from user_migration.transforms import LegacyRow, NewUser, Transformer
@@ -55,12 +54,14 @@ def carry_back(
     with legacy.transaction(), nullcontext() if same else target.transaction():
         set_legacy_read_only(legacy, settings, None)
         carry = _Carrier(legacy, target, settings, cut["id"], rollback_run)
-        for ids in _batches(target, "rollback_deleted", sql.SQL(read_sql("rollback/deleted_users.sql"))):
+        for ids in fetch_batches(
+            target, "rollback_deleted", sql.SQL(read_sql("rollback/deleted_users.sql")), size=BATCH
+        ):
             counts["deleted"] += carry.delete([row[0] for row in ids])
         changed = sql.SQL(read_sql("rollback/changed_users.sql")).format(fingerprint=fingerprint_sql())
-        for rows in _batches(target, "rollback_changed", changed, {"new": False}):
+        for rows in fetch_batches(target, "rollback_changed", changed, {"new": False}, BATCH):
             counts["updated"] += carry.update([NewUser(*row) for row in rows])
-        for rows in _batches(target, "rollback_new", changed, {"new": True}):
+        for rows in fetch_batches(target, "rollback_new", changed, {"new": True}, BATCH):
             counts["inserted"] += carry.insert([NewUser(*row) for row in rows])
         if counts["inserted"]:
             carry.advance_sequence()
@@ -71,26 +72,6 @@ def carry_back(
             (by, cut["id"]),
         )
     return {"cutover_id": cut["id"], "cutover_run_id": cut["run_id"], **counts}
-
-
-def _batches(
-    conn: psycopg.Connection, name: str, query: sql.Composable, params: dict[str, Any] | None = None
-) -> Iterator[list[tuple[Any, ...]]]:
-    """The rows of ``query`` BATCH at a time, through a server-side cursor of the open transaction."""
-    with conn.cursor(name=name) as cur:
-        cur.execute(query, params)
-        while rows := cur.fetchmany(BATCH):
-            yield rows
-
-
-def _stream(
-    source: psycopg.Connection, name: str, query: sql.Composable, dest: psycopg.Connection, copy: str
-) -> None:
-    """Rows of ``query`` into ``dest`` by COPY, a batch at a time (the two may be one connection)."""
-    for rows in _batches(source, name, query):
-        with dest.cursor() as cur, cur.copy(copy) as out:
-            for row in rows:
-                out.write_row(row)
 
 
 class _Carrier:
@@ -253,12 +234,14 @@ class _Carrier:
             "ON COMMIT DROP"
         )
         legacy.execute("TRUNCATE rollback_scope")
-        _stream(
+        copy_batches(
             target,
             "rollback_scope",
             sql.SQL("SELECT id FROM account_newuser ORDER BY id"),
+            None,
             legacy,
             "COPY rollback_scope (id) FROM STDIN",
+            BATCH,
         )
         legacy.execute("ANALYZE rollback_scope")
         totals = {"links_added": 0, "links_removed": 0}
@@ -267,14 +250,16 @@ class _Carrier:
                 continue
             table, other = TARGET_LINKS[key]
             legacy.execute("TRUNCATE rollback_links, rollback_link_changes")
-            _stream(
+            copy_batches(
                 target,
                 "rollback_links",
                 sql.SQL("SELECT id, newuser_id, {} FROM {} ORDER BY id").format(
                     sql.Identifier(other), sql.Identifier(table)
                 ),
+                None,
                 legacy,
                 "COPY rollback_links (id, user_id, other_id) FROM STDIN",
+                BATCH,
             )
             legacy.execute("ANALYZE rollback_links")
             statements = sql.SQL(read_sql("rollback/carry_links.sql")).format(
@@ -296,7 +281,7 @@ class _Carrier:
             per_user = sql.SQL(
                 "SELECT user_id, sum(added), sum(removed) FROM rollback_link_changes GROUP BY user_id ORDER BY user_id"
             )
-            for rows in _batches(legacy, "rollback_link_changes", per_user):
+            for rows in fetch_batches(legacy, "rollback_link_changes", per_user, size=BATCH):
                 self._record(
                     [(uid, f"links:{link.table}", f"+{added} -{removed}") for uid, added, removed in rows]
                 )
