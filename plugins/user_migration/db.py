@@ -6,6 +6,7 @@ too, with SQLAlchemy 2 and psycopg installed); nothing here imports Airflow.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -125,11 +126,38 @@ def copy_batches(
     return count
 
 
+AUDIT_SCHEMA_FILE = "audit/000_audit_schema.sql"
+
+
 def ensure_audit_schema(conn: psycopg.Connection) -> None:
-    """Create the audit schema if needed; safe to call from concurrent tasks."""
+    """Create or upgrade the audit schema once per version of its file; safe from concurrent tasks.
+
+    Every task calls this. Its DDL (CREATE INDEX / ALTER TABLE ... IF NOT EXISTS) takes table locks
+    even when there is nothing to do, and those wait for any partition's open transaction on the
+    same table: run on every task, it made the mapped partitions copy one after the other. So the
+    file's sha256 is recorded, and a task whose file matches reads one row and touches no lock.
+    """
+    digest = hashlib.sha256(read_sql(AUDIT_SCHEMA_FILE).encode()).hexdigest()
+    if _audit_schema_version(conn) == digest:
+        return
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('user_migration.audit_schema'))")
-        run_sql_file(conn, "audit/000_audit_schema.sql")
+        if _audit_schema_version(conn) == digest:
+            return
+        run_sql_file(conn, AUDIT_SCHEMA_FILE)
+        conn.execute(
+            "INSERT INTO migration_audit.audit_schema_version (sha256) VALUES (%s) "
+            "ON CONFLICT (id) DO UPDATE SET sha256 = EXCLUDED.sha256, applied_at = now()",
+            (digest,),
+        )
+
+
+def _audit_schema_version(conn: psycopg.Connection) -> str | None:
+    with conn.transaction():
+        if conn.execute("SELECT to_regclass('migration_audit.audit_schema_version')").fetchone()[0] is None:
+            return None
+        row = conn.execute("SELECT sha256 FROM migration_audit.audit_schema_version").fetchone()
+    return row[0] if row else None
 
 
 def users_table(mapping: LegacyMapping) -> sql.Composed:

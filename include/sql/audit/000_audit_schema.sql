@@ -3,6 +3,13 @@
 -- field_fixes.original_value/new_value: protect and expire them like the backups.
 CREATE SCHEMA IF NOT EXISTS migration_audit;
 
+-- The sha256 of the version of this file that was applied last (see db.ensure_audit_schema).
+CREATE TABLE IF NOT EXISTS migration_audit.audit_schema_version (
+    id          boolean PRIMARY KEY DEFAULT true CHECK (id),
+    sha256      text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+
 CREATE TABLE IF NOT EXISTS migration_audit.schema_migrations (
     version     text PRIMARY KEY,
     name        text NOT NULL,
