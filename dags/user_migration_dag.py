@@ -81,6 +81,14 @@ with DAG(
             type="boolean",
             description="Back up, plan and apply the transforms, record rejects and fixes; write nothing to the target tables.",
         ),
+        "full_reconcile": Param(
+            False,
+            type="boolean",
+            description=(
+                "Compare every legacy row with the sync state instead of reading the change log (the safety "
+                "net; a pass does this by itself whenever the log cannot be trusted)."
+            ),
+        ),
         "max_reject_ratio": Param(
             0.10,
             type="number",

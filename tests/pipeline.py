@@ -50,7 +50,7 @@ def run_stages(
         for index in order:
             copy_partition(legacy, target, settings, run_id, partitions[index])
         if not settings.dry_run:
-            finalize_target(legacy, target, settings)
+            finalize_target(legacy, target, settings, run_id)
         result = audit.reconcile(target, run_id)
         result["backup_folder"] = backup.folder
         result["partition_list"] = partitions

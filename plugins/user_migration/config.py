@@ -177,6 +177,7 @@ class Settings:
     cutover_attempts: int = 5
     lock_wait_seconds: int = 60
     lease_stale_minutes: int = 30
+    full_reconcile: bool = False
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> Settings:
@@ -203,7 +204,7 @@ class Settings:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
             raise ConfigError(f"max_reject_ratio must be a number from 0 to 1, got {ratio!r}")
         flags = {}
-        for name in ("dry_run", "cutover"):
+        for name in ("dry_run", "cutover", "full_reconcile"):
             flags[name] = params.get(name, getattr(cls, name))
             if not isinstance(flags[name], bool):
                 raise ConfigError(f"{name} must be true or false, got {flags[name]!r}")
@@ -214,6 +215,7 @@ class Settings:
             invalid_phone=invalid_phone,
             dry_run=flags["dry_run"],
             cutover=flags["cutover"],
+            full_reconcile=flags["full_reconcile"],
             lock_timeout_ms=integer("lock_timeout_ms", 10, 600_000),
             cutover_attempts=integer("cutover_attempts", 1, 50),
             lock_wait_seconds=integer("lock_wait_seconds", 0, 86_400),

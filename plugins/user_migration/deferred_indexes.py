@@ -128,8 +128,9 @@ def _settle(
     now = dt.datetime.now(dt.UTC)
     target.execute("DELETE FROM account_newuser WHERE id = ANY(%s)", (ids,))
     target.execute(
-        "UPDATE migration_audit.source_state SET outcome = 'R', fingerprint = NULL WHERE source_id = ANY(%s)",
-        (ids,),
+        "UPDATE migration_audit.source_state AS s SET outcome = 'R', fingerprint = NULL, kept_id = k.kept_id "
+        "FROM unnest(%s::bigint[], %s::bigint[]) AS k (id, kept_id) WHERE s.source_id = k.id",
+        (ids, [kept[i] for i in ids]),
     )
     fixes = Counter(
         source_id

@@ -8,7 +8,7 @@ import time
 import psycopg
 from psycopg import sql
 
-from user_migration import deferred_indexes
+from user_migration import capture, deferred_indexes
 from user_migration.config import Settings
 from user_migration.db import read_sql
 
@@ -58,6 +58,18 @@ def init_profiles(target: psycopg.Connection) -> dict[str, object]:
     }
 
 
+def init_profiles_for(target: psycopg.Connection, ids: list[int]) -> int:
+    """init_profiles for the given users only (the cutover's final sync, under its lock); returns profiles created.
+
+    Looks up the given ids through the indexes instead of anti-joining the whole table.
+    """
+    created = target.execute(
+        read_sql("finalize/create_profiles_for.sql"), {"now": dt.datetime.now(dt.UTC), "ids": ids}
+    ).rowcount
+    target.execute(read_sql("finalize/advance_sequences.sql")).fetchall()
+    return created
+
+
 def _drop_foreign_keys(target: psycopg.Connection) -> list[tuple[str, str]]:
     """Drop account_profile's foreign keys; returns (name, definition) to add each back."""
     target.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(PROFILE_TABLE)))
@@ -76,12 +88,21 @@ def _drop_foreign_keys(target: psycopg.Connection) -> list[tuple[str, str]]:
 
 
 def finalize_target(
-    source: psycopg.Connection, target: psycopg.Connection, settings: Settings
+    source: psycopg.Connection, target: psycopg.Connection, settings: Settings, run_id: str | None = None
 ) -> dict[str, object]:
-    """The step after every partition has copied: indexes a first load deferred, then profiles."""
+    """The step after every partition has copied: indexes a first load deferred, then profiles.
+
+    With ``run_id``, a pass that compared every row makes the change log trusted (capture.py).
+    """
     indexes = deferred_indexes.build(source, target, settings)
     profiles = init_profiles(target)
-    return {"indexes": indexes, **profiles, "vacuum_analyze_seconds": vacuum_analyze(target)}
+    captured = capture.complete_pass(source, target, settings.mapping, run_id) if run_id else False
+    return {
+        "indexes": indexes,
+        **profiles,
+        "change_capture": captured,
+        "vacuum_analyze_seconds": vacuum_analyze(target),
+    }
 
 
 def vacuum_analyze(target: psycopg.Connection) -> float:

@@ -158,7 +158,7 @@ class LegacyBackupOperator(_MigrationOperator):
     def run(self, context, settings, target):
         from user_migration import audit
         from user_migration.backup import run_backup
-        from user_migration.cutover import active_cutover
+        from user_migration.cutover import active_cutover, resolve_pending
         from user_migration.db import check_legacy_tables
 
         run_id = context["run_id"]
@@ -166,6 +166,10 @@ class LegacyBackupOperator(_MigrationOperator):
         audit.start_run(
             target, run_id, dag_run.dag_id, context.get("logical_date"), settings.dry_run, settings.public()
         )
+        with self.legacy() as legacy:
+            resolved = resolve_pending(legacy, target, settings)
+        if resolved:
+            self.log.warning("a cutover left half-done by a failed legacy commit is now %s", resolved)
         cut = active_cutover(target)
         if cut is not None:
             message = (
@@ -295,7 +299,7 @@ class ProfileInitOperator(_MigrationOperator):
             self.log.info("dry run: no profiles created")
             return {"dry_run": True}
         with self.legacy() as legacy:
-            result = finalize_target(legacy, target, settings)
+            result = finalize_target(legacy, target, settings, context["run_id"])
         indexes = result["indexes"]
         if indexes["built"]:
             self.log.info("indexes built after the first load: %s", ", ".join(indexes["built"]))
@@ -477,6 +481,7 @@ class RollbackOperator(_MigrationOperator):
     renews_lease = False
 
     def run(self, context, settings, target):
+        from user_migration import capture
         from user_migration.backup import run_folder_name
         from user_migration.rollback import carry_back, restore
 
@@ -504,5 +509,7 @@ class RollbackOperator(_MigrationOperator):
                 result = restore(legacy, target, settings, folder)
         else:
             raise ConfigError(f"action must be carry_back or restore, got {action!r}")
+        # The legacy tables changed outside the change log's watch: the next pass compares every row.
+        capture.distrust(target, f"rollback ({action}) by run {context['run_id']}", context["run_id"])
         self.log.info("rollback %s done: %s", action, result)
         return {"action": action, **result}

@@ -28,6 +28,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from user_migration import capture
 from user_migration.config import FIELDS, LegacyMapping, LinkTable, Settings
 from user_migration.db import (
     MigrationError,
@@ -52,17 +53,18 @@ from user_migration.transforms import (
 )
 
 USER_COLUMNS = NewUser._fields
+# Paths that stage rows and merge them into account_newuser, and those that read only changed rows.
+MERGING = ("merge", "delta", "log", "changes")
+DELTAS = ("delta", "log", "changes")
 TARGET_LINKS = {
     "groups": ("account_newuser_groups", "group_id"),
     "permissions": ("account_newuser_user_permissions", "permission_id"),
 }
 REJECTED_COPY = "COPY migration_audit.rejected_rows (run_id, source_id, reason, detail, source_row, rejected_at) FROM STDIN"
 FIXES_COPY = "COPY migration_audit.field_fixes (run_id, source_id, field, original_value, new_value, reason) FROM STDIN"
-STATE_COPY = "COPY stage_state (source_id, row_hash, outcome, fingerprint) FROM STDIN"
+STATE_COPY = "COPY stage_state (source_id, row_hash, outcome, fingerprint, kept_id) FROM STDIN"
 # A first load writes the sync state straight into place; the merges stage it (they may revise it).
-STATE_LOAD_COPY = (
-    "COPY migration_audit.source_state (source_id, row_hash, outcome, fingerprint, run_id) FROM STDIN"
-)
+STATE_LOAD_COPY = "COPY migration_audit.source_state (source_id, row_hash, outcome, fingerprint, kept_id, run_id) FROM STDIN"
 
 
 @dataclass
@@ -87,9 +89,13 @@ class PartitionResult:
     seconds: float = 0.0
     path: str = ""
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    # Change-log entries read in the partition's snapshot: deleted once the target has committed.
+    consumed: list[int] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["consumed"] = len(self.consumed)
+        return data
 
     def count_reject(self, reason: str) -> None:
         self.rejected += 1
@@ -209,6 +215,9 @@ def copy_partition(
             f"partition {partition['partition_no']} (ids {partition['lo']}..{partition['hi']}) failed: {reason}. "
             "Nothing of this attempt was kept; a retry starts the partition again"
         ) from None
+    if own_snapshot:
+        # After the target's commit: a crash before this line leaves the entries to be applied again.
+        capture.consume(source, settings.mapping, result.consumed)
     return result
 
 
@@ -216,6 +225,29 @@ def _rollback(*conns: psycopg.Connection) -> None:
     for conn in conns:
         if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
             conn.rollback()
+
+
+class Claims:
+    """Who took each email key and username among the rows of one change set, lowest id first.
+
+    A pass's plan decides duplicates over the whole table; the cutover's final sync has no plan and
+    decides among the changed rows themselves (the unchanged holders of a key keep it, see
+    _settle_conflicts). Rows arrive in id order, so the first claimant is the lowest id.
+    """
+
+    def __init__(self) -> None:
+        self.emails: dict[str, int] = {}
+        self.usernames: dict[str, int] = {}
+
+    def claim(self, user: NewUser) -> tuple[str, int] | None:
+        """None when ``user`` may keep its keys; else (duplicate reason, id of the holder)."""
+        email = email_key(user.email)
+        if email in self.emails:
+            return DUPLICATE_EMAIL, self.emails[email]
+        if user.username in self.usernames:
+            return DUPLICATE_USERNAME, self.usernames[user.username]
+        self.emails[email] = self.usernames[user.username] = user.id
+        return None
 
 
 class _Batch:
@@ -280,7 +312,12 @@ def _copy(
                 "SELECT EXISTS (SELECT 1 FROM migration_audit.source_state WHERE source_id BETWEEN %s AND %s)",
                 (lo, hi),
             ).fetchone()[0]
-            result.path = "delta" if has_state else "merge"
+            if partition.get("ids") is not None:
+                result.path = "changes"
+            elif has_state and partition.get("changes") == "log":
+                result.path = "log"
+            else:
+                result.path = "delta" if has_state else "merge"
         if result.path == "load":
             target.execute(
                 "DELETE FROM migration_audit.source_state WHERE source_id BETWEEN %s AND %s", (lo, hi)
@@ -288,10 +325,11 @@ def _copy(
         elif result.path != "dry_run":
             target.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS stage_state "
-                "(source_id bigint, row_hash bytea, outcome char(1), fingerprint bigint) ON COMMIT DROP"
+                "(source_id bigint, row_hash bytea, outcome char(1), fingerprint bigint, kept_id bigint) "
+                "ON COMMIT DROP"
             )
             target.execute("TRUNCATE stage_state")
-        if result.path in ("merge", "delta"):
+        if result.path in MERGING:
             target.execute("DROP TABLE IF EXISTS stage_users")
             target.execute(
                 "CREATE TEMP TABLE stage_users ON COMMIT DROP AS "
@@ -304,7 +342,7 @@ def _copy(
             users_copy = sql.SQL("COPY account_newuser ({}) FROM STDIN").format(
                 sql.SQL(", ").join(map(sql.Identifier, columns))
             )
-        elif result.path in ("merge", "delta"):
+        elif result.path in MERGING:
             users_copy = sql.SQL("COPY stage_users ({}) FROM STDIN").format(
                 sql.SQL(", ").join(map(sql.Identifier, USER_COLUMNS))
             )
@@ -314,16 +352,31 @@ def _copy(
             if own_snapshot:
                 source.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             deleted: list[int] = []
+            process: list[int] | None = None
+            log_ids: list[int] = []
+            if partition.get("capture") and result.path != "changes":
+                # First, so that the entries are those visible in the snapshot the rows are read in.
+                result.consumed, log_ids = capture.entries_in_range(source, mapping, lo, hi)
             if result.path == "delta":
                 range_losers = _losers(target, run_id, lo, hi)
                 process, deleted, skipped, rows_in = _delta(source, target, mapping, lo, hi, range_losers)
                 del range_losers
                 result.rows_in = rows_in
                 result.unchanged = skipped
+            elif result.path == "log":
+                process, deleted, rows_in = _from_log(
+                    source, target, mapping, lo, hi, log_ids, _losers(target, run_id, lo, hi)
+                )
+                result.rows_in, result.unchanged = rows_in, rows_in - len(process)
+            elif result.path == "changes":
+                process, deleted = _split_changes(source, target, mapping, partition["ids"])
+                result.rows_in = len(process)
+            if process is not None:
                 batches = _rows_by_id(source, select, id_column, process, settings.batch_size)
             else:
                 batches = _rows_in_range(source, select, id_column, lo, hi, settings.batch_size, no)
             rejected_ids: list[int] = []
+            claims = Claims() if result.path == "changes" else None
             with target.cursor() as out:
                 batch_no = 0
                 for rows in batches:
@@ -331,8 +384,10 @@ def _copy(
                     # The plan's losers of this batch only (rows come in id order): memory stays
                     # bounded by the batch, however many duplicates the partition holds.
                     losers = _losers(target, run_id, rows[0][0], rows[-1][0])
-                    batch = _transform_batch(rows, transformer, losers, legacy_names, run_id, now, result)
-                    if result.path in ("merge", "delta"):
+                    batch = _transform_batch(
+                        rows, transformer, losers, legacy_names, run_id, now, result, claims
+                    )
+                    if result.path in MERGING:
                         rejected_ids += batch.rejected_ids
                     _write_batch(out, batch, users_copy, stamps, result.path, run_id)
                     out.execute(
@@ -354,20 +409,29 @@ def _copy(
                     batch_no += 1
                     result.read += len(rows)
                 result.batches = batch_no
-            if result.path != "delta":
+            if process is None:
                 result.rows_in = result.read
 
-            if result.path in ("merge", "delta"):
+            if result.path in MERGING:
                 _merge(source, target, settings, transformer, result, deleted, rejected_ids, run_id, now)
             elif result.path == "load":
                 result.inserted = result.migrated
-            if result.path in ("merge", "delta"):
+            if result.path in MERGING:
                 _save_state(target, result.path, lo, hi, deleted, run_id)
+            # The log and change paths touch the links of the users they processed; the others the range's.
+            scope = None if process is None or result.path == "delta" else sorted({*process, *deleted})
 
             for key, link in (("groups", mapping.groups), ("permissions", mapping.permissions)):
                 if link is not None:
                     _copy_links(
-                        source, target, mapping.schema, link, TARGET_LINKS[key], lo, hi, result, dry_run
+                        source,
+                        target,
+                        mapping.schema,
+                        link,
+                        TARGET_LINKS[key],
+                        (lo, hi, scope),
+                        result,
+                        dry_run,
                     )
 
         result.seconds = round(time.perf_counter() - started, 3)
@@ -473,6 +537,69 @@ def _delta(
     return process, deleted, skipped, rows_in
 
 
+def _present(source: psycopg.Connection, mapping: LegacyMapping, ids: list[int]) -> set[int]:
+    """The ids among ``ids`` that the legacy table holds now."""
+    id_column = sql.Identifier(mapping.column("id"))
+    query = sql.SQL("SELECT {} FROM {} WHERE {} = ANY(%s)").format(id_column, users_table(mapping), id_column)
+    return {row[0] for row in source.execute(query, (ids,)).fetchall()}
+
+
+def _known(target: psycopg.Connection, ids: list[int]) -> list[int]:
+    """The ids among ``ids`` that the sync state knows (moved or rejected by an earlier pass)."""
+    return [
+        row[0]
+        for row in target.execute(
+            "SELECT source_id FROM migration_audit.source_state WHERE source_id = ANY(%s) ORDER BY source_id",
+            (ids,),
+        ).fetchall()
+    ]
+
+
+def _from_log(
+    source: psycopg.Connection,
+    target: psycopg.Connection,
+    mapping: LegacyMapping,
+    lo: int,
+    hi: int,
+    log_ids: list[int],
+    losers: dict[int, tuple[str, int]],
+) -> tuple[list[int], list[int], int]:
+    """(ids to read and transform, ids deleted from the legacy table, legacy rows in range).
+
+    The same rows the hash comparison of _delta would pick, found without reading the unchanged
+    ones: those the change log names, the rows rejected last time and the plan's duplicate losers.
+    """
+    rejected = target.execute(
+        "SELECT source_id FROM migration_audit.source_state "
+        "WHERE outcome = 'R' AND source_id BETWEEN %s AND %s",
+        (lo, hi),
+    ).fetchall()
+    candidates = sorted({*log_ids, *(row[0] for row in rejected), *losers})
+    present = _present(source, mapping, candidates)
+    deleted = _known(target, [i for i in candidates if i not in present])
+    id_column = sql.Identifier(mapping.column("id"))
+    rows_in = source.execute(
+        sql.SQL("SELECT count(*) FROM {} WHERE {} BETWEEN %s AND %s").format(users_table(mapping), id_column),
+        (lo, hi),
+    ).fetchone()[0]
+    return sorted(present), deleted, rows_in
+
+
+def _split_changes(
+    source: psycopg.Connection, target: psycopg.Connection, mapping: LegacyMapping, ids: list[int]
+) -> tuple[list[int], list[int]]:
+    """(ids to read and transform, ids deleted) of a change set, with the rows that lost a key to it.
+
+    A row rejected as a duplicate is decided again when the user holding its key changed.
+    """
+    dependants = target.execute(
+        "SELECT source_id FROM migration_audit.source_state WHERE kept_id = ANY(%s)", (ids,)
+    ).fetchall()
+    candidates = sorted({*ids, *(row[0] for row in dependants)})
+    present = _present(source, mapping, candidates)
+    return sorted(present), _known(target, [i for i in candidates if i not in present])
+
+
 def _transform_batch(
     rows: list[tuple],
     transformer: Transformer,
@@ -481,12 +608,18 @@ def _transform_batch(
     run_id: str,
     now: dt.datetime,
     result: PartitionResult,
+    claims: Claims | None = None,
 ) -> _Batch:
     batch = _Batch()
     for values in rows:
         row = LegacyRow(*values[:-1])
         row_hash = values[-1]
         user, reject, row_fixes = transformer.transform(row)
+        kept_id = None
+        if user is not None and claims is not None:
+            lost = claims.claim(user)
+            if lost is not None:
+                losers = {**losers, row.id: lost}
         if user is not None and row.id in losers:
             reason, kept_id = losers[row.id]
             field_name = "email" if reason == DUPLICATE_EMAIL else "username"
@@ -498,12 +631,12 @@ def _transform_batch(
         if user is None:
             source_row = Jsonb(jsonable_row(dict(zip(legacy_names, values[:-1], strict=True))))
             batch.rejects.append((run_id, row.id, reject.reason, reject.detail, source_row, now))
-            batch.state.append((row.id, row_hash, "R", None))
+            batch.state.append((row.id, row_hash, "R", None, kept_id))
             batch.rejected_ids.append(row.id)
             result.count_reject(reject.reason)
             continue
         batch.good.append(user)
-        batch.state.append((row.id, row_hash, "M", fingerprint(user)))
+        batch.state.append((row.id, row_hash, "M", fingerprint(user), None))
         result.migrated += 1
         for fix in row_fixes:
             batch.fixes.append((run_id, row.id, fix.field, fix.original_value, fix.new_value, fix.reason))
@@ -609,7 +742,7 @@ def _settle_conflicts(
         result.displaced = target.execute(
             read_sql("copy/displace_stale_holders.sql"), {"ids": stale}
         ).rowcount
-    losing: dict[int, tuple[str, str]] = {}
+    losing: dict[int, tuple[str, str, int]] = {}
     for holder, staged, same_email, _ in conflicts:
         if holder not in stale and staged not in losing:
             reason, field_name = (
@@ -618,6 +751,7 @@ def _settle_conflicts(
             losing[staged] = (
                 reason,
                 f"same {field_name} as user {holder}, which holds it; decided again next pass",
+                holder,
             )
     if not losing:
         return
@@ -625,7 +759,9 @@ def _settle_conflicts(
     target.execute("DELETE FROM stage_users WHERE id = ANY(%s)", (ids,))
     result.removed += target.execute("DELETE FROM account_newuser WHERE id = ANY(%s)", (ids,)).rowcount
     target.execute(
-        "UPDATE stage_state SET outcome = 'R', fingerprint = NULL WHERE source_id = ANY(%s)", (ids,)
+        "UPDATE stage_state AS s SET outcome = 'R', fingerprint = NULL, kept_id = h.holder "
+        "FROM unnest(%s::bigint[], %s::bigint[]) AS h (id, holder) WHERE s.source_id = h.id",
+        (ids, [losing[i][2] for i in ids]),
     )
     result.fixed -= target.execute(
         "DELETE FROM migration_audit.field_fixes WHERE run_id = %s AND source_id = ANY(%s)", (run_id, ids)
@@ -634,7 +770,7 @@ def _settle_conflicts(
     rows = source.execute(select, (ids,)).fetchall()  # before the COPY: it may be the same connection
     with target.cursor() as out, out.copy(REJECTED_COPY) as copy:
         for values in rows:
-            reason, detail = losing[values[0]]
+            reason, detail, _ = losing[values[0]]
             source_row = Jsonb(jsonable_row(dict(zip(legacy_names, values, strict=True))))
             copy.write_row((run_id, values[0], reason, detail, source_row, now))
             result.migrated -= 1
@@ -645,15 +781,15 @@ def _save_state(
     target: psycopg.Connection, path: str, lo: int, hi: int, deleted: list[int], run_id: str
 ) -> None:
     """Record what this pass saw of each legacy row of the range (for the next pass's delta)."""
-    if path == "delta":
+    if path in DELTAS:
         target.execute("DELETE FROM migration_audit.source_state WHERE source_id = ANY(%s)", (deleted,))
     else:
         target.execute("DELETE FROM migration_audit.source_state WHERE source_id BETWEEN %s AND %s", (lo, hi))
     target.execute(
-        "INSERT INTO migration_audit.source_state (source_id, row_hash, outcome, fingerprint, run_id) "
-        "SELECT source_id, row_hash, outcome, fingerprint, %s FROM stage_state "
+        "INSERT INTO migration_audit.source_state (source_id, row_hash, outcome, fingerprint, kept_id, run_id) "
+        "SELECT source_id, row_hash, outcome, fingerprint, kept_id, %s FROM stage_state "
         "ON CONFLICT (source_id) DO UPDATE SET row_hash = EXCLUDED.row_hash, outcome = EXCLUDED.outcome, "
-        "fingerprint = EXCLUDED.fingerprint, run_id = EXCLUDED.run_id",
+        "fingerprint = EXCLUDED.fingerprint, kept_id = EXCLUDED.kept_id, run_id = EXCLUDED.run_id",
         (run_id,),
     )
 
@@ -664,20 +800,22 @@ def _copy_links(
     schema: str,
     link: LinkTable,
     target_link: tuple[str, str],
-    lo: int,
-    hi: int,
+    users: tuple[int, int, list[int] | None],
     result: PartitionResult,
     dry_run: bool,
 ) -> None:
-    """Bring the target's links of this range in line with the legacy link table."""
+    """Bring the target's links of the users lo..hi (or of the listed users only) in line with the legacy's."""
+    lo, hi, ids = users
     user, other_column = sql.Identifier(link.user_column), sql.Identifier(link.other_column)
     table_name = sql.Identifier(schema, link.table)
+    where = sql.SQL("{} BETWEEN %(lo)s AND %(hi)s" if ids is None else "{} = ANY(%(ids)s)").format(user)
+    params: dict[str, Any] = {"lo": lo, "hi": hi} if ids is None else {"ids": ids}
     if dry_run:
-        count_query = sql.SQL("SELECT count(*) FROM {} WHERE {} BETWEEN %s AND %s").format(table_name, user)
-        result.links_in += source.execute(count_query, (lo, hi)).fetchone()[0]
+        count_query = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(table_name, where)
+        result.links_in += source.execute(count_query, params).fetchone()[0]
         return
-    query = sql.SQL("SELECT id, {}, {} FROM {} WHERE {} BETWEEN %s AND %s ORDER BY id").format(
-        user, other_column, table_name, user
+    query = sql.SQL("SELECT id, {}, {} FROM {} WHERE {} ORDER BY id").format(
+        user, other_column, table_name, where
     )
     table, other = target_link
     target.execute(
@@ -688,12 +826,15 @@ def _copy_links(
         source,
         f"links_{link.table}",
         query,
-        (lo, hi),
+        params,
         target,
         "COPY stage_links (id, user_id, other_id) FROM STDIN",
     )
-    names = {"links": sql.Identifier(table), "other": sql.Identifier(other)}
-    params = {"lo": lo, "hi": hi}
+    names = {
+        "links": sql.Identifier(table),
+        "other": sql.Identifier(other),
+        "users": sql.SQL("BETWEEN %(lo)s AND %(hi)s" if ids is None else "= ANY(%(ids)s)"),
+    }
     result.links_removed += target.execute(
         sql.SQL(read_sql("copy/remove_stale_links.sql")).format(**names), params
     ).rowcount

@@ -22,7 +22,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from user_migration import deferred_indexes
+from user_migration import capture, deferred_indexes
 from user_migration.config import LegacyMapping, Settings
 from user_migration.db import legacy_select_list, read_sql, users_table
 from user_migration.transforms import (
@@ -192,8 +192,13 @@ def make_plan(
     """
     mapping = settings.mapping
     transformer = Transformer(settings.phone_region, settings.invalid_phone, today=as_of)
+    mode = capture.Mode("full", "dry run: no change capture", installed=False)
     if not settings.dry_run:
         deferred_indexes.build(source, target, settings)  # left by a run that failed before its build
+        if own_snapshot:  # before any snapshot the partitions read in (see capture.prepare)
+            mode = capture.prepare(
+                source, target, mapping, settings.full_reconcile, run_id, settings.lock_timeout_ms
+            )
     with DuplicateLedger() as ledger:
         with source.transaction():
             if own_snapshot:
@@ -215,15 +220,23 @@ def make_plan(
                 ranges[0] = (min(ranges[0][0], target_min), ranges[0][1])
                 ranges[-1] = (ranges[-1][0], max(ranges[-1][1], target_max))
         partitions = [
-            {"partition_no": no, "lo": lo, "hi": hi, "as_of": as_of.isoformat(), "initial_load": initial_load}
+            {
+                "partition_no": no,
+                "lo": lo,
+                "hi": hi,
+                "as_of": as_of.isoformat(),
+                "initial_load": initial_load,
+                "changes": mode.changes,
+                "capture": mode.installed,
+            }
             for no, (lo, hi) in enumerate(ranges)
         ]
         with target.transaction():
             target.execute("DELETE FROM migration_audit.plan_duplicates WHERE run_id = %s", (run_id,))
             target.execute("DELETE FROM migration_audit.plans WHERE run_id = %s", (run_id,))
             target.execute(
-                "INSERT INTO migration_audit.plans (run_id, source_rows, min_id, max_id, partitions, duplicates) "
-                "VALUES (%s, %s, %s, %s, %s, %s)",
+                "INSERT INTO migration_audit.plans (run_id, source_rows, min_id, max_id, partitions, duplicates, "
+                "changes, changes_reason, capture_markers) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 (
                     run_id,
                     count,
@@ -231,6 +244,9 @@ def make_plan(
                     ranges[-1][1] if count else None,
                     Jsonb(partitions),
                     ledger.losers,
+                    mode.changes,
+                    mode.reason,
+                    list(mode.markers),
                 ),
             )
             with (
@@ -246,6 +262,8 @@ def make_plan(
             )
     return {
         "source_rows": count,
+        "changes": mode.changes,
+        "changes_reason": mode.reason,
         "duplicates": ledger.losers,
         "partitions": partitions,
         "deferred_indexes": deferred,

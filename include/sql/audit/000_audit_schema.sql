@@ -155,7 +155,7 @@ CREATE TABLE IF NOT EXISTS migration_audit.writer_lease (
 CREATE TABLE IF NOT EXISTS migration_audit.cutovers (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     run_id          text NOT NULL,
-    state           text NOT NULL CHECK (state IN ('active', 'rolled_back')),
+    state           text NOT NULL CHECK (state IN ('switching', 'active', 'rolled_back', 'abandoned')),
     cut_at          timestamptz NOT NULL DEFAULT now(),
     cut_by          text NOT NULL,
     source_rows     bigint NOT NULL,
@@ -169,7 +169,6 @@ CREATE TABLE IF NOT EXISTS migration_audit.cutovers (
     rolled_back_at  timestamptz NULL,
     rolled_back_by  text NULL
 );
-CREATE UNIQUE INDEX IF NOT EXISTS cutovers_one_active ON migration_audit.cutovers ((state)) WHERE state = 'active';
 
 CREATE TABLE IF NOT EXISTS migration_audit.rollback_rows (
     cutover_id   bigint NOT NULL,
@@ -190,3 +189,33 @@ CREATE TABLE IF NOT EXISTS migration_audit.deferred_indexes (
     run_id      text NOT NULL,
     deferred_at timestamptz NOT NULL DEFAULT now()
 );
+
+-- Change capture (capture.py): whether the legacy change log can be trusted to hold every change
+-- since the sync state was written. Passes read the log when it can, and compare every row when not.
+CREATE TABLE IF NOT EXISTS migration_audit.capture (
+    target      text PRIMARY KEY DEFAULT 'target',
+    trusted     boolean NOT NULL,
+    reason      text NULL,
+    run_id      text NULL,
+    changed_at  timestamptz NOT NULL DEFAULT now()
+);
+ALTER TABLE migration_audit.plans ADD COLUMN IF NOT EXISTS changes text NULL;
+ALTER TABLE migration_audit.plans ADD COLUMN IF NOT EXISTS changes_reason text NULL;
+ALTER TABLE migration_audit.plans ADD COLUMN IF NOT EXISTS capture_markers bigint[] NULL;
+-- For a row rejected as a duplicate: the id of the user that holds the key. When that user changes,
+-- the rows that lost to it are decided again (the cutover's final sync reads no plan).
+ALTER TABLE migration_audit.source_state ADD COLUMN IF NOT EXISTS kept_id bigint NULL;
+CREATE INDEX IF NOT EXISTS source_state_rejected_idx ON migration_audit.source_state (source_id)
+    WHERE outcome = 'R';
+CREATE INDEX IF NOT EXISTS source_state_kept_idx ON migration_audit.source_state (kept_id)
+    WHERE kept_id IS NOT NULL;
+
+-- A cutover with a separate target database commits the target first ('switching'), then the
+-- legacy side, then becomes 'active'; one whose legacy commit failed is 'abandoned' by the next
+-- run (cutover.resolve_pending), so nothing is left half-switched.
+ALTER TABLE migration_audit.cutovers DROP CONSTRAINT IF EXISTS cutovers_state_check;
+ALTER TABLE migration_audit.cutovers ADD CONSTRAINT cutovers_state_check
+    CHECK (state IN ('switching', 'active', 'rolled_back', 'abandoned'));
+DROP INDEX IF EXISTS migration_audit.cutovers_one_active;
+CREATE UNIQUE INDEX IF NOT EXISTS cutovers_one_live ON migration_audit.cutovers ((true))
+    WHERE state IN ('switching', 'active');
