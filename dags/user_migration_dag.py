@@ -138,7 +138,21 @@ with DAG(
             type="integer",
             minimum=1,
             maximum=10_080,
-            description="A run that has not shown activity for this long is presumed dead; its writer lease is taken over.",
+            description=(
+                "Outer bound: a run holding the writer lease that takes no advisory lock (one running older "
+                "code) is presumed dead after this long without activity; its lease is taken over."
+            ),
+        ),
+        "lease_grace_seconds": Param(
+            120,
+            type="integer",
+            minimum=30,
+            maximum=86_400,
+            description=(
+                "The writer lease of a run whose task died (its process and connections gone) is taken over at "
+                "once; one with no task running is taken over after this long since its last task ended. Keep it "
+                "above retry_delay (20 s) plus the scheduler's hand-off between two tasks."
+            ),
         ),
         "legacy_conn_id": Param(
             "legacy_db", type="string", description="Airflow connection of the legacy database."

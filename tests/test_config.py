@@ -74,6 +74,7 @@ def test_names_carrying_sql_are_kept_as_names_to_be_quoted():
         ({"invalid_phone": "drop"}, "invalid_phone must be 'fix' or 'reject'"),
         ({"max_reject_ratio": 2}, "max_reject_ratio must be a number from 0 to 1"),
         ({"dry_run": "yes"}, "dry_run must be true or false"),
+        ({"lease_grace_seconds": 10}, "lease_grace_seconds must be from 30 to 86400, got 10"),
     ],
 )
 def test_bad_params_are_refused(params, message):

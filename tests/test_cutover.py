@@ -346,8 +346,17 @@ def test_writer_lease_keeps_two_runs_apart(legacy):
             lease.hold(second, "run-b")
         lease.release(first, "run-a")
         lease.acquire(second, "run-b", "user_migration", wait_seconds=1, stale_minutes=30)
-        # A holder that stopped renewing is taken over once stale.
+        # A live holder (its session holds the lease's advisory lock) is not taken over, however long ago
+        # it renewed; see tests/test_lease.py.
         second.execute("UPDATE migration_audit.writer_lease SET renewed_at = now() - interval '2 hours'")
+        with pytest.raises(lease.LeaseBusy, match="Its tasks are running now"):
+            lease.acquire(first, "run-c", "user_migration", wait_seconds=0, stale_minutes=30)
+        # A holder running older code (it takes no advisory lock) is taken over once stale.
+        lease.release(second, "run-b")
+        second.execute(
+            "UPDATE migration_audit.writer_lease SET run_id = 'run-old', lock_run_id = NULL, "
+            "renewed_at = now() - interval '2 hours'"
+        )
         lease.acquire(first, "run-c", "user_migration", wait_seconds=1, stale_minutes=30)
         assert first.execute("SELECT run_id FROM migration_audit.writer_lease").fetchone()[0] == "run-c"
 

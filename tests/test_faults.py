@@ -28,7 +28,7 @@ import pytest
 from fault_tools import REPO, assert_fixture_outcome, find_leaks, personal_values, prepare_run
 from pipeline import run_stages
 
-from user_migration import partition_copy
+from user_migration import lease, partition_copy
 from user_migration.backup import MANIFEST, verify_backup
 from user_migration.config import Settings
 from user_migration.errors import MigrationError
@@ -162,6 +162,80 @@ def test_sigkill_mid_partition_commits_nothing_and_the_rerun_is_exact(legacy, ba
         ).fetchall()
     assert batches == [(0, 1, 3, 3), (1, 4, 6, 3), (2, 7, 9, 3), (3, 10, 12, 3), (4, 13, 15, 3)]
     assert_fixture_outcome(legacy, RUN)
+
+
+LEASE_TASK_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    sys.path[:0] = [{plugins!r}]
+    from user_migration import lease
+    from user_migration.config import Settings
+    from user_migration.db import connect
+    from user_migration.partition_copy import copy_partition
+
+    legacy, target, run_id, partition, batch_size = sys.argv[1:6]
+    source = connect(legacy, name="legacy_db", autocommit=True)
+    dest = connect(target, name="target_db", autocommit=True)
+    settings = Settings(partitions=2, batch_size=int(batch_size))
+    with lease.active(dest, run_id):  # as _MigrationOperator.execute holds it around a task
+        copy_partition(source, dest, settings, run_id, json.loads(partition), lease_run_id=run_id)
+    print("the copy finished: the fault did not fire")
+    """
+).format(plugins=str(REPO / "plugins"))
+
+
+def test_sigkill_of_the_whole_run_mid_copy_then_a_new_run_takes_the_lease_at_once(
+    legacy, backup_dir, tmp_path
+):
+    """The run holding the writer lease dies with SIGKILL mid-partition; the next run does not wait
+    lease_stale_minutes (30) for it: the lease is taken over within seconds and the pass ends exact."""
+    settings = Settings(partitions=2, batch_size=3)
+    partitions = prepare_run(legacy, legacy, settings, RUN, backup_dir)
+    with (  # the dead run's first task takes the lease
+        psycopg.connect(legacy, autocommit=True) as backup_task,
+        lease.active(backup_task, RUN, holds=False),
+    ):
+        lease.acquire(backup_task, RUN, "user_migration", wait_seconds=1, stale_minutes=30)
+    marker = tmp_path / "killed.marker"
+    child = subprocess.run(
+        [sys.executable, "-c", LEASE_TASK_CHILD, legacy, legacy, RUN, json.dumps(partitions[0]), "3"],
+        env={**os.environ, KILL_AT_BATCH_ENV: f"1:{marker}"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert child.returncode == -9, child.stdout + child.stderr
+    assert marker.read_text().startswith("killed after batch 1 in pid ")
+    wait_for_no_sessions(legacy)
+
+    # A new run (another deployment, or the next scheduled pass) asks for the lease: the default grace
+    # (120 s) has not passed since the dead run's task began, so only its missing lock tells.
+    nxt = "next-run"
+    with psycopg.connect(legacy, autocommit=True) as conn:
+        started = time.monotonic()
+        with lease.active(conn, nxt, holds=False):
+            took = lease.acquire(conn, nxt, "user_migration", wait_seconds=60, stale_minutes=30)
+        waited = time.monotonic() - started
+        assert waited < 5, f"took {waited:.1f} s"
+        assert took is not None and took.startswith(f"took over the writer lease of run '{RUN}'")
+        assert "its task died" in took
+        # The dead run's retry, should Airflow start one, is refused: it no longer holds the lease.
+        with pytest.raises(MigrationError, match=f"run '{RUN}' does not hold the writer lease"):
+            lease.active(conn, RUN).__enter__()
+
+    # The new run's pass, holding the lease in every task, leaves the target exact.
+    partitions = prepare_run(legacy, legacy, settings, nxt, backup_dir)
+    with (
+        psycopg.connect(legacy, autocommit=True) as source,
+        psycopg.connect(legacy, autocommit=True) as target,
+    ):
+        for partition in partitions:
+            with lease.active(target, nxt):
+                copy_partition(source, target, settings, nxt, partition, lease_run_id=nxt)
+        with lease.active(target, nxt):
+            finalize_target(source, target, settings)
+            lease.release(target, nxt)
+    assert_fixture_outcome(legacy, nxt)
 
 
 @pytest.mark.parametrize("side", ["target", "legacy"])

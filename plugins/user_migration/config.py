@@ -177,6 +177,7 @@ class Settings:
     cutover_attempts: int = 5
     lock_wait_seconds: int = 60
     lease_stale_minutes: int = 30
+    lease_grace_seconds: int = 120
     full_reconcile: bool = False
 
     @classmethod
@@ -220,6 +221,7 @@ class Settings:
             cutover_attempts=integer("cutover_attempts", 1, 50),
             lock_wait_seconds=integer("lock_wait_seconds", 0, 86_400),
             lease_stale_minutes=integer("lease_stale_minutes", 1, 10_080),
+            lease_grace_seconds=integer("lease_grace_seconds", 30, 86_400),
             max_reject_ratio=float(ratio),
             legacy_conn_id=_identifier(params.get("legacy_conn_id", cls.legacy_conn_id), "legacy_conn_id"),
             target_conn_id=_identifier(params.get("target_conn_id", cls.target_conn_id), "target_conn_id"),

@@ -45,7 +45,8 @@ class _MigrationOperator(BaseOperator):
     """Shared shape: settings, connections, audit of the attempt, clean errors."""
 
     ui_color = "#e8f0fe"
-    # Every task but the first checks that its run still holds the target's writer lease.
+    # Every task but the first checks that its run still holds the target's writer lease; every task
+    # holding it shows, while it runs, that the holder is alive (lease.active).
     renews_lease = True
 
     def execute(self, context: Any) -> Any:
@@ -78,9 +79,9 @@ class _MigrationOperator(BaseOperator):
             audit.record_attempt(target, run_id, self.task_id, map_index, ti.try_number, "running")
             try:
                 fail_once(self.task_id, ti.try_number, run_id)
-                if self.renews_lease:
-                    lease.renew(target, run_id)
-                result = self.run(context, settings, target)
+                # While the task runs, its target session shows the run's lease holder is alive.
+                with lease.active(target, run_id, holds=self.renews_lease):
+                    result = self.run(context, settings, target)
             except AirflowSkipException as exc:
                 audit.record_attempt(
                     target, run_id, self.task_id, map_index, ti.try_number, "skipped", str(exc)
@@ -194,14 +195,19 @@ class LegacyBackupOperator(_MigrationOperator):
         """Take the writer lease; a backfill run that finds it held waits its turn by rescheduling."""
         from user_migration import lease
 
-        if dag_run.run_type != "backfill":
-            lease.acquire(
-                target, run_id, dag_run.dag_id, settings.lock_wait_seconds, settings.lease_stale_minutes
-            )
-            return
+        wait = settings.lock_wait_seconds if dag_run.run_type != "backfill" else 0
         try:
-            lease.acquire(target, run_id, dag_run.dag_id, 0, settings.lease_stale_minutes)
+            took_over = lease.acquire(
+                target,
+                run_id,
+                dag_run.dag_id,
+                wait,
+                settings.lease_stale_minutes,
+                settings.lease_grace_seconds,
+            )
         except lease.LeaseBusy as busy:
+            if dag_run.run_type != "backfill":
+                raise
             now = dt.datetime.now(dt.UTC)
             waited = now - (dag_run.start_date or now)
             if waited > BACKFILL_LEASE_WAIT:
@@ -215,6 +221,8 @@ class LegacyBackupOperator(_MigrationOperator):
             reason = f"backfill run waits its turn: run '{busy.holder}' is writing the target"
             self.log.info("%s; trying again in %.0f s", reason, delay)
             raise WaitingForLease(now + dt.timedelta(seconds=delay), reason) from None
+        if took_over:
+            self.log.warning("%s", took_over)
 
 
 class TargetSchemaOperator(_MigrationOperator):

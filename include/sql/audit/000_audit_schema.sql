@@ -142,15 +142,33 @@ CREATE TABLE IF NOT EXISTS migration_audit.source_state (
     run_id       text NOT NULL
 );
 
--- One writer at a time per target database: the run holding the lease; see lease.py.
+-- One writer at a time per target database: the run holding the lease; see lease.py. lock_run_id:
+-- the holder whose tasks hold the lease's advisory lock while they execute (a holder running older
+-- code never sets it); task_pids: backend pids of that run's tasks executing now (so a holder found
+-- with a task in flight but no advisory lock died mid-task).
 CREATE TABLE IF NOT EXISTS migration_audit.writer_lease (
     target       text PRIMARY KEY DEFAULT 'target',
     run_id       text NULL,
     dag_id       text NULL,
     hostname     text NULL,
     acquired_at  timestamptz NULL,
-    renewed_at   timestamptz NULL
+    renewed_at   timestamptz NULL,
+    lock_run_id  text NULL,
+    task_pids    integer[] NOT NULL DEFAULT '{}'
 );
+-- Added to leases created before them; ALTER only when missing: an ALTER would wait for the
+-- partition transactions that hold the lease row, should this file be applied while they run.
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_attribute
+        WHERE attrelid = 'migration_audit.writer_lease'::regclass AND attname = 'task_pids' AND NOT attisdropped
+    ) THEN
+        ALTER TABLE migration_audit.writer_lease
+            ADD COLUMN IF NOT EXISTS lock_run_id text NULL,
+            ADD COLUMN IF NOT EXISTS task_pids integer[] NOT NULL DEFAULT '{}';
+    END IF;
+END $$;
 
 CREATE TABLE IF NOT EXISTS migration_audit.cutovers (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

@@ -1,0 +1,130 @@
+"""The writer lease tells a live holder from a dead one: a live one keeps it, a dead one loses it at once.
+
+Every test holds the lease the way a task does (lease.active on its own connection) and has a second
+run ask for it. The SIGKILL of a whole run mid-copy is in tests/test_faults.py.
+"""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+import pytest
+
+from user_migration import lease
+from user_migration.db import ensure_audit_schema
+from user_migration.errors import MigrationError
+
+DAG = "user_migration"
+
+
+@pytest.fixture
+def target(make_db) -> str:
+    dsn = make_db("lease")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        ensure_audit_schema(conn)
+    return dsn
+
+
+def connect(dsn: str) -> psycopg.Connection:
+    return psycopg.connect(dsn, autocommit=True)
+
+
+def holder_of(dsn: str) -> str | None:
+    with connect(dsn) as conn:
+        return conn.execute("SELECT run_id FROM migration_audit.writer_lease").fetchone()[0]
+
+
+def first_task(conn: psycopg.Connection, run_id: str) -> None:
+    """The run's first task: takes the lease inside lease.active and ends."""
+    with lease.active(conn, run_id, holds=False):
+        assert lease.acquire(conn, run_id, DAG, wait_seconds=1, stale_minutes=30) is None
+
+
+def test_a_live_task_keeps_the_lease_however_long_ago_it_was_renewed(target):
+    with connect(target) as task, connect(target) as other:
+        with lease.active(task, "run-a", holds=False):
+            lease.acquire(task, "run-a", DAG, wait_seconds=1, stale_minutes=30)
+            # Even past lease_stale_minutes: the task's session is alive, so the run is.
+            other.execute("UPDATE migration_audit.writer_lease SET renewed_at = now() - interval '2 hours'")
+            started = time.monotonic()
+            with pytest.raises(lease.LeaseBusy) as busy:
+                lease.acquire(other, "run-b", DAG, wait_seconds=1.5, stale_minutes=30, grace_seconds=30)
+            assert 1.4 < time.monotonic() - started < 5
+            assert busy.value.holder == "run-a"
+            message = str(busy.value)
+            assert message.startswith(
+                "the target database is being written by run 'run-a' of DAG 'user_migration'"
+            )
+            assert f"Its tasks are running now (target sessions {task.info.backend_pid} hold" in message
+            assert "taken over at once" in message
+        assert holder_of(target) == "run-a"
+
+
+def test_between_two_tasks_the_lease_is_kept_for_the_grace_then_taken_over(target):
+    with connect(target) as task, connect(target) as other:
+        first_task(task, "run-a")
+        with pytest.raises(lease.LeaseBusy) as busy:
+            lease.acquire(other, "run-b", DAG, wait_seconds=0, stale_minutes=30, grace_seconds=120)
+        assert busy.value.holder == "run-a"
+        assert "It is between two of its tasks" in str(busy.value)
+        assert "taken over 120 s after its last task ended (lease_grace_seconds)" in str(busy.value)
+        # The run's next task goes on, and as it ends the grace starts again.
+        with lease.active(task, "run-a"):
+            pass
+        task.execute("UPDATE migration_audit.writer_lease SET renewed_at = now() - interval '119 seconds'")
+        with pytest.raises(lease.LeaseBusy):
+            lease.acquire(other, "run-b", DAG, wait_seconds=0, stale_minutes=30, grace_seconds=120)
+        # No task for longer than the grace: presumed dead, its lease taken over, and it cannot write.
+        task.execute("UPDATE migration_audit.writer_lease SET renewed_at = now() - interval '121 seconds'")
+        took = lease.acquire(other, "run-b", DAG, wait_seconds=0, stale_minutes=30, grace_seconds=120)
+        assert took is not None and took.startswith("took over the writer lease of run 'run-a'")
+        assert holder_of(target) == "run-b"
+        with pytest.raises(MigrationError, match="run 'run-a' does not hold the writer lease"):
+            lease.active(task, "run-a").__enter__()
+
+
+def test_a_task_whose_session_is_gone_loses_the_lease_at_once(target, pg_server):
+    with connect(target) as task, connect(target) as other, connect(pg_server) as admin:
+        first_task(task, "run-a")
+        with lease.active(task, "run-a"):
+            admin.execute("SELECT pg_terminate_backend(%s, 5000)", (task.info.backend_pid,))
+            started = time.monotonic()
+            took = lease.acquire(other, "run-b", DAG, wait_seconds=30, stale_minutes=30, grace_seconds=120)
+            assert time.monotonic() - started < 2
+        assert took is not None and took.endswith(
+            "its task died: the lease's advisory lock is gone with its session"
+        )
+        assert holder_of(target) == "run-b"
+
+
+def test_one_of_two_parallel_tasks_dying_leaves_the_run_its_lease(target):
+    with connect(target) as one, connect(target) as two, connect(target) as other:
+        first_task(one, "run-a")
+        with lease.active(two, "run-a"):
+            one_task = lease.active(one, "run-a")
+            one_task.__enter__()
+            one.close()  # this mapped task dies; its sibling still runs
+            with pytest.raises(lease.LeaseBusy, match=rf"target sessions {two.info.backend_pid} hold"):
+                lease.acquire(other, "run-b", DAG, wait_seconds=0, stale_minutes=30, grace_seconds=120)
+        # The sibling ended and dropped the dead task from the lease row: between tasks, not dead.
+        with pytest.raises(lease.LeaseBusy, match="It is between two of its tasks"):
+            lease.acquire(other, "run-b", DAG, wait_seconds=0, stale_minutes=30, grace_seconds=120)
+        assert holder_of(target) == "run-a"
+
+
+def test_a_lease_table_from_before_the_advisory_lock_gets_its_columns(target):
+    with connect(target) as conn:
+        conn.execute(
+            "ALTER TABLE migration_audit.writer_lease DROP COLUMN lock_run_id, DROP COLUMN task_pids"
+        )
+        ensure_audit_schema(conn)
+        ensure_audit_schema(conn)  # and later calls change nothing
+        first_task(conn, "run-a")
+        assert conn.execute(
+            "SELECT run_id, lock_run_id, task_pids FROM migration_audit.writer_lease"
+        ).fetchone() == (
+            "run-a",
+            "run-a",
+            [],
+        )
