@@ -433,3 +433,28 @@ def test_rollback_that_breaks_a_legacy_unique_key_stops_with_nothing_changed(leg
         assert active_cutover(conn) is not None
         assert conn.execute("SELECT * FROM account_user ORDER BY id").fetchall() == before
         assert conn.execute("SELECT count(*) FROM migration_audit.rollback_rows").fetchone() == (0,)
+
+
+def test_a_deleted_reject_above_every_legacy_id_does_not_block_the_cutover(legacy, backup_dir):
+    """The sync state of a reject that left the legacy table is cleaned, wherever its id lies."""
+    top = max(row[0] for row in fx.ROWS)
+    validated_pass(legacy, "pass-1", backup_dir)
+    with psycopg.connect(legacy) as conn:
+        conn.execute("UPDATE account_user SET email = 'not-an-email' WHERE id = %s", (top,))
+    validated_pass(legacy, "pass-2", backup_dir)
+    with psycopg.connect(legacy) as conn:
+        state = "SELECT outcome FROM migration_audit.source_state WHERE source_id = %s"
+        assert conn.execute(state, (top,)).fetchone() == ("R",)
+        conn.execute("DELETE FROM account_user_user_permissions WHERE user_id = %s", (top,))
+        conn.execute("DELETE FROM account_user_groups WHERE user_id = %s", (top,))
+        conn.execute("DELETE FROM account_user WHERE id = %s", (top,))
+    validated_pass(legacy, "pass-3", backup_dir)
+    with psycopg.connect(legacy) as conn:
+        assert conn.execute(state, (top,)).fetchone() is None
+
+    result = cutover(legacy, "pass-3")
+    assert result["source_rows"] == len(fx.ROWS) - 1
+    assert result["source_checksum"] == result["target_checksum"]
+    with psycopg.connect(legacy) as conn:
+        assert conn.execute(state, (top,)).fetchone() is None
+        assert active_cutover(conn)["run_id"] == "pass-3"

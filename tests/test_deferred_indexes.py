@@ -9,10 +9,11 @@ import psycopg
 import pytest
 from pipeline import run_stages, snapshot
 
-from user_migration import audit
+from user_migration import audit, deferred_indexes
 from user_migration.backup import run_backup
 from user_migration.config import Settings
 from user_migration.db import ensure_audit_schema
+from user_migration.errors import MigrationError
 from user_migration.finalize import finalize_target
 from user_migration.partition_copy import copy_partition
 from user_migration.plan import make_plan
@@ -210,3 +211,75 @@ def test_the_first_profile_fill_adds_back_identical_foreign_keys_that_still_hold
         assert again["foreign_keys_rebuilt"] == []
         assert again["profiles_created"] == 0
         assert _profile_constraints(conn) == before
+
+
+@pytest.mark.parametrize(
+    ("index", "tamper", "says"),
+    [
+        (
+            "account_newuser_email_key",
+            "UPDATE migration_audit.deferred_indexes SET definition = definition || '; DROP TABLE canary' "
+            "WHERE index_name = %(index)s",
+            "set its definition back to the versioned one: CREATE UNIQUE INDEX account_newuser_email_key "
+            "ON public.account_newuser USING btree (email)",
+        ),
+        (
+            "account_newuser_email_ci_key",
+            "UPDATE migration_audit.deferred_indexes SET definition = replace(definition, 'email', 'password') "
+            "WHERE index_name = %(index)s",
+            "not the one include/sql/target/001_create_new_schema.sql gives it",
+        ),
+        (
+            "zz_not_versioned",
+            "INSERT INTO migration_audit.deferred_indexes (index_name, definition, is_unique, run_id) VALUES "
+            "(%(index)s, 'CREATE INDEX zz_not_versioned ON public.account_newuser USING btree (email); "
+            "DROP TABLE canary', false, 'run-1')",
+            "that no CREATE INDEX on account_newuser in include/sql/target/*.sql defines",
+        ),
+    ],
+)
+def test_a_tampered_deferred_index_record_is_refused_and_nothing_runs(
+    legacy, backup_dir, index, tamper, says
+):
+    """The build runs the versioned DDL's statement, and only for a record that matches it exactly."""
+    settings = Settings(partitions=2, batch_size=5)
+    with psycopg.connect(legacy, autocommit=True) as conn:
+        plan = _plan(conn, settings, "run-1", backup_dir)
+        assert set(plan["deferred_indexes"]) == SECONDARY
+        conn.execute("CREATE TABLE canary (id int)")
+        conn.execute(tamper, {"index": index})
+        records = conn.execute(
+            "SELECT * FROM migration_audit.deferred_indexes ORDER BY index_name"
+        ).fetchall()
+
+        with pytest.raises(MigrationError, match=index) as refused:
+            deferred_indexes.build(conn, conn, settings)
+        assert says in str(refused.value)
+        assert conn.execute("SELECT to_regclass('canary') IS NOT NULL").fetchone()[0]
+        assert set(_indexes(conn)) == {"account_newuser_pkey"}  # not one index was built
+        assert (
+            conn.execute("SELECT * FROM migration_audit.deferred_indexes ORDER BY index_name").fetchall()
+            == records
+        )
+        # The next plan builds the deferred indexes first: it refuses alike.
+        with pytest.raises(MigrationError, match=index):
+            _plan(conn, settings, "run-2", backup_dir)
+
+
+def test_an_index_the_versioned_ddl_does_not_create_is_not_deferred(legacy, backup_dir):
+    """A hand-made index on account_newuser stays through the first load (it could never be rebuilt)."""
+    settings = Settings(partitions=2, batch_size=5)
+    with psycopg.connect(legacy, autocommit=True) as conn:
+        ensure_audit_schema(conn)
+        apply_schema(conn, "schema-only")
+        conn.execute("CREATE INDEX account_newuser_full_name_idx ON account_newuser (full_name)")
+        before = _indexes(conn)
+        plan = _plan(conn, settings, "run-1", backup_dir)
+        assert set(plan["deferred_indexes"]) == SECONDARY
+        assert set(_indexes(conn)) == {"account_newuser_pkey", "account_newuser_full_name_idx"}
+        for partition in plan["partitions"]:
+            with psycopg.connect(legacy, autocommit=True) as source:
+                copy_partition(source, conn, settings, "run-1", partition)
+        result = finalize_target(conn, conn, settings)
+        assert set(result["indexes"]["built"]) == SECONDARY
+        assert _indexes(conn) == before

@@ -5,17 +5,21 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import logging
 import stat
+import uuid
 
 import fixture_users as fx
 import psycopg
 import pytest
 from pipeline import rejects, run_stages, snapshot
+from psycopg import sql
 
 from user_migration.backup import verify_backup
 from user_migration.config import Settings, load_mapping
 from user_migration.db import ensure_audit_schema
 from user_migration.errors import MigrationError
+from user_migration.finalize import legacy_id_floors
 from user_migration.partition_copy import copy_partition
 from user_migration.schema import apply_schema
 
@@ -365,3 +369,104 @@ def test_empty_legacy_table_succeeds_with_zero(make_db, backup_dir):
         0,
         1,
     )
+
+
+def _next_ids(conn: psycopg.Connection) -> tuple[int, int, int]:
+    """The ids the application's next user, group link and permission link get (rolled back)."""
+    with conn.transaction(force_rollback=True):
+        user = conn.execute(
+            "INSERT INTO account_newuser (password, is_superuser, email, username, full_name, date_of_birth, "
+            "phone_number, is_active, is_staff, joined_at, updated_at) VALUES "
+            "('x', false, 'new@example.com', 'new', 'New', '2000-01-01', '', true, false, now(), now()) RETURNING id"
+        ).fetchone()[0]
+        group = conn.execute(
+            "INSERT INTO account_newuser_groups (newuser_id, group_id) VALUES (%s, 99) RETURNING id", (user,)
+        ).fetchone()[0]
+        permission = conn.execute(
+            "INSERT INTO account_newuser_user_permissions (newuser_id, permission_id) VALUES (%s, 99) RETURNING id",
+            (user,),
+        ).fetchone()[0]
+    return user, group, permission
+
+
+def test_ids_of_rejected_and_deleted_legacy_users_stay_reserved(make_db, backup_dir):
+    """The target's sequences pass every id the legacy tables hold or handed out, not just the migrated ones."""
+    legacy, target = make_db("legacy"), make_db("target")
+    fx.load(legacy)
+    with psycopg.connect(legacy) as conn:
+        # The newest legacy user loses a duplicate email (user 1 keeps it), with a link of each kind;
+        # users and group links above them were created and deleted (their sequences moved on).
+        conn.execute(
+            "INSERT INTO account_user (id, password, is_superuser, email, username, full_name, date_of_birth, "
+            "phone_number, is_active, is_staff) VALUES "
+            "(60, 'h', false, 'alice@example.com', 'newest', 'Newest N', '1990-01-01', '', true, false)"
+        )
+        conn.execute("INSERT INTO account_user_groups (id, user_id, group_id) VALUES (150, 60, 1)")
+        conn.execute(
+            "INSERT INTO account_user_user_permissions (id, user_id, permission_id) VALUES (250, 60, 1)"
+        )
+        conn.execute("SELECT setval(pg_get_serial_sequence('account_user', 'id'), 77)")
+        conn.execute("SELECT setval(pg_get_serial_sequence('account_user_groups', 'id'), 160)")
+        # The permissions' sequence stays behind its max id (250): the max id counts too.
+
+    result = run_stages(legacy, target, Settings(partitions=3, batch_size=4), "run-1", backup_dir)
+    assert rejects(target, "run-1")[60][0] == "duplicate_email"
+    assert result["migrated"] == len(fx.MIGRATED)
+    with psycopg.connect(target) as conn:
+        assert _next_ids(conn) == (78, 161, 251)
+
+    # A later pass never moves a sequence back, though the legacy ids it reads are lower now.
+    last_values = (
+        "SELECT sequencename, last_value FROM pg_sequences WHERE sequencename LIKE 'account_newuser%' "
+        "ORDER BY sequencename"
+    )
+    with psycopg.connect(target) as conn:
+        before = conn.execute(last_values).fetchall()
+    with psycopg.connect(legacy) as conn:
+        conn.execute("DELETE FROM account_user_groups WHERE user_id = 60")
+        conn.execute("DELETE FROM account_user_user_permissions WHERE user_id = 60")
+        conn.execute("DELETE FROM account_user WHERE id = 60")
+        conn.execute("SELECT setval(pg_get_serial_sequence('account_user', 'id'), 41)")
+    run_stages(legacy, target, Settings(partitions=3, batch_size=4), "run-2", backup_dir)
+    with psycopg.connect(target) as conn:
+        assert conn.execute(last_values).fetchall() == before
+        assert dict(before) == {
+            "account_newuser_groups_id_seq": 161,
+            "account_newuser_id_seq": 78,
+            "account_newuser_user_permissions_id_seq": 251,
+        }  # the probe above used these
+
+
+def test_a_legacy_role_that_cannot_read_the_sequences_falls_back_to_max_id(legacy, caplog):
+    """Without SELECT on the sequences the floors are the max ids, and the log says so once."""
+    role = f"ro_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(legacy, autocommit=True) as conn:
+        conn.execute("SELECT setval(pg_get_serial_sequence('account_user', 'id'), 77)")
+        conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
+        try:
+            conn.execute(
+                sql.SQL(
+                    "GRANT SELECT ON account_user, account_user_groups, account_user_user_permissions TO {}"
+                ).format(sql.Identifier(role))
+            )
+            conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
+            with caplog.at_level(logging.WARNING, logger="user_migration.finalize"):
+                floors = legacy_id_floors(conn, load_mapping())
+            conn.execute("RESET ROLE")
+            assert floors == {
+                "account_newuser": 40,
+                "account_newuser_groups": 104,
+                "account_newuser_user_permissions": 203,
+            }
+            warnings = [r.getMessage() for r in caplog.records if r.name == "user_migration.finalize"]
+            assert len(warnings) == 1
+            assert "public.account_user, public.account_user_groups" in warnings[0]
+            assert "grant SELECT on those sequences" in warnings[0]
+            conn.execute("SET ROLE NONE")
+            assert (
+                legacy_id_floors(conn, load_mapping())["account_newuser"] == 77
+            )  # readable: the sequence counts
+        finally:
+            conn.execute("RESET ROLE")
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))

@@ -11,6 +11,10 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from user_migration.db import read_sql
+
+ACCOUNTED_CHECK = "every_source_row_accounted"
+
 
 def start_run(
     conn: psycopg.Connection,
@@ -125,6 +129,83 @@ def reconcile(conn: psycopg.Connection, run_id: str) -> dict[str, Any]:
         "fixed_fields": totals[7],
         "fixed_by_field": fixes,
         "links_read": totals[8],
+    }
+
+
+def every_source_row_accounted(
+    conn: psycopg.Connection, run_id: str, *, dry_run: bool = False
+) -> dict[str, Any]:
+    """The check that every legacy row a partition read is in the target or rejected, exactly once.
+
+    Counted independently of the partitions' own tallies: per partition, rows_in (counted in the
+    partition's snapshot) against the target's users in its id range plus the run's rejects there;
+    users outside every range count as strays. Returns a validation outcome (name, success,
+    observed, details.message) naming each partition that is off and by how much; ids and counts only.
+    """
+    if dry_run:
+        return {
+            "name": ACCOUNTED_CHECK,
+            "success": True,
+            "observed": {"dry_run": True},
+            "details": {"message": "dry run: nothing was written to the target, so nothing to count"},
+        }
+    rows = conn.execute(read_sql("audit/partition_accounting.sql"), {"run_id": run_id}).fetchall()
+    if not rows:
+        raise LookupError(f"run {run_id} has no plan in migration_audit.plans")
+    problems: list[str] = []
+    off: list[dict[str, Any]] = []
+    for no, lo, hi, rows_in, in_target, rejected, _ in rows:
+        if rows_in is None:
+            problems.append(f"partition {no} (ids {lo}..{hi}) has not finished, so its rows are not counted")
+            off.append({"partition_no": no, "lo": lo, "hi": hi, "rows_in": None})
+            continue
+        difference = in_target + rejected - rows_in
+        if difference:
+            problems.append(
+                f"partition {no} (ids {lo}..{hi}): {rows_in} legacy rows read, {in_target} in the target + "
+                f"{rejected} rejected (off by {difference:+d})"
+            )
+            off.append(
+                {
+                    "partition_no": no,
+                    "lo": lo,
+                    "hi": hi,
+                    "rows_in": rows_in,
+                    "in_target": in_target,
+                    "rejected": rejected,
+                    "difference": difference,
+                }
+            )
+    target_total = rows[0][6]
+    outside = target_total - sum(row[4] for row in rows)
+    if outside:
+        problems.append(f"{outside} users in the target outside every partition's id range")
+    rows_in_total = sum(row[3] or 0 for row in rows)
+    accounted = target_total + sum(row[5] for row in rows)
+    observed = {
+        "partitions": len(rows),
+        "rows_in": rows_in_total,
+        "in_target": target_total,
+        "rejected": sum(row[5] for row in rows),
+        "outside_ranges": outside,
+        "partitions_off": off,
+    }
+    if problems:
+        message = (
+            f"{ACCOUNTED_CHECK} failed: " + "; ".join(problems) + ". The target no longer matches what the "
+            "partitions read: run another pass (it reads those ranges again and repairs them); if it stays "
+            "off, something other than the migration writes account_newuser"
+        )
+    else:
+        message = (
+            f"{rows_in_total} legacy rows read by {len(rows)} partitions = {accounted} in the target or "
+            "rejected, per partition"
+        )
+    return {
+        "name": ACCOUNTED_CHECK,
+        "success": not problems,
+        "observed": observed,
+        "details": {"message": message},
     }
 
 

@@ -37,7 +37,7 @@ from user_migration import capture
 from user_migration.config import Settings
 from user_migration.db import read_sql
 from user_migration.errors import MigrationError
-from user_migration.finalize import init_profiles_for
+from user_migration.finalize import init_profiles_for, legacy_id_floors
 from user_migration.partition_copy import copy_partition, fingerprint_sql, row_hash_sql, target_checksum_sql
 
 READ_ONLY_FUNCTION = "user_migration_read_only"
@@ -297,7 +297,7 @@ def _apply(job: _Job, entries: list[tuple[Any, ...]], sync_run: str) -> dict[str
         "ids": ids,
     }
     done = copy_partition(job.legacy, job.target, job.settings, sync_run, partition, own_snapshot=False)
-    init_profiles_for(job.target, ids)
+    init_profiles_for(job.target, ids, legacy_id_floors(job.legacy, job.settings.mapping))
     capture.consume(job.legacy, job.settings.mapping, [entry[0] for entry in entries])
     counts.update(inserted=done.inserted, updated=done.updated, removed=done.removed, rejected=done.rejected)
     return counts

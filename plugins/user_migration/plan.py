@@ -206,19 +206,19 @@ def make_plan(
             count, ranges = partition_ranges(source, mapping, settings.partitions)
             if count:
                 find_duplicates(source, mapping, transformer, ledger)
-        # An empty target is loaded with plain COPY; once it holds users, partitions merge instead, and
-        # the ranges also cover every id already in the target, so users deleted from the legacy table leave.
+        # An empty target is loaded with plain COPY; once it holds users, partitions merge instead. The
+        # ranges also cover every id already in the target and in the sync state, so users deleted from
+        # the legacy table leave, and so does the state of a deleted reject above every legacy id (the
+        # cutover's proof counts state rows against legacy rows).
         initial_load = False
         if not settings.dry_run:
-            held, target_min, target_max = target.execute(
-                "SELECT count(*), min(id), max(id) FROM account_newuser"
-            ).fetchone()
+            held, known_min, known_max = target.execute(read_sql("plan/target_ids.sql")).fetchone()
             initial_load = held == 0
-            if held and not count:
-                ranges = [(target_min, target_max)]
-            elif held:
-                ranges[0] = (min(ranges[0][0], target_min), ranges[0][1])
-                ranges[-1] = (ranges[-1][0], max(ranges[-1][1], target_max))
+            if known_min is not None and not count:
+                ranges = [(known_min, known_max)]
+            elif known_min is not None:
+                ranges[0] = (min(ranges[0][0], known_min), ranges[0][1])
+                ranges[-1] = (ranges[-1][0], max(ranges[-1][1], known_max))
         partitions = [
             {
                 "partition_no": no,
