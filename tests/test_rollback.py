@@ -9,16 +9,26 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import fixture_users as fx
 import psycopg
 import pytest
+from test_cutover import cutover, validated_pass
 
+from user_migration import rollback
 from user_migration.backup import run_backup
 from user_migration.config import Settings, load_mapping
+from user_migration.cutover import active_cutover
 from user_migration.errors import MigrationError
-from user_migration.rollback import restore
+from user_migration.rollback import carry_back, restore
+
+NEWUSER_WRITER = Path(__file__).with_name("newuser_writer.py")
 
 SETTINGS = Settings(partitions=3, batch_size=5)
 TABLES = ("account_user", "account_user_groups", "account_user_user_permissions", "app_order")
@@ -148,3 +158,86 @@ def test_restore_through_a_mapping_with_odd_table_names(legacy, backup_dir):
         assert dump(legacy, (users, groups)) == original
         # The sequence stays where it was (101 next), above every restored id.
         assert conn.execute(f"SELECT nextval(pg_get_serial_sequence('{users}', 'id'))").fetchone()[0] == 101
+
+
+# --- carry_back while the application still writes to the new tables ---------------------------------
+
+
+def start_newuser_writer(dsn: str, tmp_path: Path, seed: int = 1):
+    stop, out = tmp_path / f"stop-{seed}", tmp_path / f"newuser-writer-{seed}.json"
+    proc = subprocess.Popen([sys.executable, str(NEWUSER_WRITER), dsn, str(stop), str(out), str(seed)])
+
+    def finish() -> dict:
+        stop.touch()
+        proc.wait(timeout=60)
+        return json.loads(out.read_text())
+
+    return finish
+
+
+def test_carry_back_loses_no_write_the_application_makes_to_the_new_tables(
+    legacy, backup_dir, tmp_path, monkeypatch
+):
+    """A writer on account_newuser runs before, during and after the carry-back, which is slowed down
+    before its link step (as on a big table). Every write stamped before the carry-back's commit is in
+    the legacy table; none is stamped while it holds the tables; the waiting ones land after it."""
+    validated_pass(legacy, "pass-1", backup_dir)
+    cutover(legacy, "pass-1")
+    moments: dict[str, dt.datetime] = {}
+    links = rollback._Carrier.links
+
+    def slow_links(self):
+        moments["carrying"] = self.legacy.execute("SELECT clock_timestamp()").fetchone()[0]
+        time.sleep(0.5)
+        counts = links(self)
+        moments["carried"] = self.legacy.execute("SELECT clock_timestamp()").fetchone()[0]
+        return counts
+
+    monkeypatch.setattr(rollback._Carrier, "links", slow_links)
+    finish = start_newuser_writer(legacy, tmp_path)
+    time.sleep(0.6)
+    with psycopg.connect(legacy, autocommit=True) as conn:
+        carry_back(conn, conn, SETTINGS, "test", "rollback-1")
+    time.sleep(0.3)
+    stats = finish()
+    assert stats["errors"] == []
+    writes = [(op, i, name, dt.datetime.fromisoformat(at)) for op, i, name, at in stats["writes"]]
+    before = [w for w in writes if w[3] < moments["carrying"]]
+    held = [w for w in writes if moments["carrying"] <= w[3] <= moments["carried"]]
+    after = [w for w in writes if w[3] > moments["carried"]]
+    assert len(before) > 10 and after, (len(before), len(after))
+    assert held == [], "the application wrote to the new tables while they were being carried back"
+    # Replay what was written before the carry-back: the legacy table must say the same.
+    expected: dict[int, str | None] = {}
+    for op, i, name, _ in sorted(before, key=lambda w: w[3]):
+        expected[i] = name if op != "delete" else None
+    with psycopg.connect(legacy) as conn:
+        rows = dict(
+            conn.execute(
+                "SELECT id, full_name FROM account_user WHERE id = ANY(%s)", (list(expected),)
+            ).fetchall()
+        )
+        assert active_cutover(conn) is None
+    assert {i: rows.get(i) for i in expected} == expected
+
+
+def test_carry_back_gives_up_within_its_timeout_when_the_new_tables_are_busy(legacy, backup_dir):
+    validated_pass(legacy, "pass-1", backup_dir)
+    cutover(legacy, "pass-1")
+    blocker = psycopg.connect(legacy, application_name="long-request")
+    blocker.execute("UPDATE account_newuser SET full_name = full_name WHERE id = 1")  # open transaction
+    try:
+        with psycopg.connect(legacy, autocommit=True) as conn, pytest.raises(MigrationError) as gave_up:
+            carry_back(conn, conn, Settings(partitions=3, batch_size=5, lock_timeout_ms=200), "test", "rb")
+    finally:
+        blocker.rollback()
+        blocker.close()
+    message = str(gave_up.value)
+    assert (
+        message.startswith("rollback gave up, nothing changed: account_newuser, ")
+        and "long-request" in message
+    )
+    with psycopg.connect(legacy) as conn:
+        assert active_cutover(conn) is not None
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            conn.execute("UPDATE account_user SET full_name = 'x' WHERE id = 1")

@@ -3,7 +3,10 @@
 carry_back: after a cutover the application wrote to the new tables; make the legacy tables
 writable again and carry every change made since the cutover back into them (new users, changed
 passwords, last_login, flags and other fields, deleted users), recording each carried-back row in
-migration_audit.rollback_rows, then mark the cutover rolled back so sync passes resume.
+migration_audit.rollback_rows, then mark the cutover rolled back so sync passes resume. The new
+tables are locked against writes (EXCLUSIVE: reads go on) from the start until the commit, so no
+write the application makes to them meanwhile is lost; it waits and lands after the commit, which
+is why the application is switched back to the legacy tables before carry_back runs.
 
 restore: bring the legacy tables back to a backup run, refusing unless every file matches the
 sha256 in its manifest. The files are staged in temp tables, then, in the same transaction, only
@@ -35,6 +38,13 @@ CARRIED_FIELDS = [f for f in FIELDS if f != "id"]
 
 
 BATCH = 10_000
+# The tables the application writes after the cutover; carry_back holds them against writes.
+NEW_TABLES = (
+    "account_newuser",
+    "account_newuser_groups",
+    "account_newuser_user_permissions",
+    "account_profile",
+)
 
 
 def carry_back(
@@ -42,6 +52,7 @@ def carry_back(
 ) -> dict[str, Any]:
     """Roll back the active cutover; one transaction per database (one in all when they are the same).
 
+    The new tables are held against writes first (``_hold_new_tables``), until the commit.
     Deleted users go first and inserted ones last, so keys freed by one change are free for the next;
     then the group and permission links of every user in the target are made the target's. SQL finds
     the rows that changed since the cutover (their fingerprint differs from the sync state's) and
@@ -53,6 +64,7 @@ def carry_back(
     same = legacy is target
     counts = {"inserted": 0, "updated": 0, "deleted": 0, "links_added": 0, "links_removed": 0}
     with legacy.transaction(), nullcontext() if same else target.transaction():
+        _hold_new_tables(target, settings)
         set_legacy_read_only(legacy, settings, None)
         carry = _Carrier(legacy, target, settings, cut["id"], rollback_run)
         for ids in fetch_batches(
@@ -73,6 +85,42 @@ def carry_back(
             (by, cut["id"]),
         )
     return {"cutover_id": cut["id"], "cutover_run_id": cut["run_id"], **counts}
+
+
+def _hold_new_tables(target: psycopg.Connection, settings: Settings) -> None:
+    """Lock the new tables against writes until the carry-back commits: a write after its reads would be lost.
+
+    EXCLUSIVE mode lets the application read on; its writes wait, then land after the commit. Gives
+    up after ``lock_timeout_ms`` rather than queueing the application behind a long transaction.
+    """
+    tables = [
+        name
+        for name in NEW_TABLES
+        if target.execute("SELECT to_regclass(%s)", (name,)).fetchone()[0] is not None
+    ]
+    target.execute(
+        sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{settings.lock_timeout_ms}ms"))
+    )
+    try:
+        with target.transaction():
+            target.execute(
+                sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(
+                    sql.SQL(", ").join(map(sql.Identifier, tables))
+                )
+            )
+    except psycopg.errors.LockNotAvailable:
+        oids = [target.execute("SELECT %s::regclass::oid", (name,)).fetchone()[0] for name in tables]
+        rows = target.execute(read_sql("cutover/legacy_lock_holders.sql"), {"tables": oids}).fetchall()
+        holders = "; ".join(
+            f"pid {pid} ({app}, {state}, in a transaction for {secs} s)" for pid, app, state, secs in rows
+        )
+        raise MigrationError(
+            f"rollback gave up, nothing changed: {', '.join(tables)} could not be locked against writes within "
+            f"{settings.lock_timeout_ms} ms ({holders or 'no session holds them now'}). The cutover stays active "
+            "and the legacy tables read-only; stop the application's writes to the new tables (switch it back "
+            "first), then retry, or raise lock_timeout_ms"
+        ) from None
+    target.execute("SET LOCAL lock_timeout = '30s'")
 
 
 class _Carrier:
