@@ -19,12 +19,13 @@ from pathlib import Path
 import fixture_users as fx
 import psycopg
 import pytest
+from pipeline import run_stages
 from test_cutover import cutover, validated_pass
 
 from user_migration import rollback
 from user_migration.backup import run_backup
 from user_migration.config import Settings, load_mapping
-from user_migration.cutover import active_cutover
+from user_migration.cutover import CutoverOptions, active_cutover, run_cutover
 from user_migration.errors import MigrationError
 from user_migration.rollback import carry_back, restore
 
@@ -241,3 +242,119 @@ def test_carry_back_gives_up_within_its_timeout_when_the_new_tables_are_busy(leg
         assert active_cutover(conn) is not None
         with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
             conn.execute("UPDATE account_user SET full_name = 'x' WHERE id = 1")
+
+
+# --- a two-database carry_back whose target commit fails after the legacy commit ---------------------
+
+
+def two_database_cutover(make_db, backup_dir: Path) -> tuple[str, str]:
+    """Legacy and target on separate databases, cut over, then the application's changes in the target."""
+    legacy_db, target_db = make_db("src"), make_db("dst")
+    fx.load(legacy_db)
+    result = run_stages(legacy_db, target_db, SETTINGS, "sep-1", backup_dir)
+    with psycopg.connect(target_db) as conn:
+        conn.execute(
+            "INSERT INTO migration_audit.validation_results (run_id, expectation, success) "
+            "VALUES ('sep-1', 'every_source_row_accounted', %s)",
+            (result["migrated"] + result["rejected"] == result["source_rows"],),
+        )
+    with (
+        psycopg.connect(legacy_db, autocommit=True) as src,
+        psycopg.connect(target_db, autocommit=True) as dst,
+    ):
+        run_cutover(src, dst, SETTINGS, "sep-1", dt.date.today(), "test", CutoverOptions())
+    with psycopg.connect(target_db) as conn:
+        conn.execute(
+            "INSERT INTO account_newuser (id, password, last_login, is_superuser, email, username, full_name, "
+            "date_of_birth, phone_number, is_active, is_staff, joined_at, updated_at) VALUES "
+            "(1000, 'pbkdf2_sha256$600000$new$user=', NULL, false, 'newbie@example.com', 'newbie', 'New Bie', "
+            "'2001-02-03', '+9779841000000', true, false, now(), now())"
+        )
+        conn.execute("UPDATE account_newuser SET password = 'pbkdf2_sha256$changed' WHERE id = 1")
+        conn.execute("UPDATE account_newuser SET is_active = false, is_staff = true WHERE id = 10")
+        conn.execute("DELETE FROM account_newuser WHERE id = 27")
+        conn.execute("DELETE FROM account_newuser_groups WHERE id = 104")
+        conn.execute("INSERT INTO account_newuser_groups (newuser_id, group_id) VALUES (1, 1), (1000, 2)")
+        conn.execute(
+            "INSERT INTO account_newuser_user_permissions (id, newuser_id, permission_id) VALUES (202, 2, 3)"
+        )
+    return legacy_db, target_db
+
+
+def end_state(legacy_db: str, target_db: str) -> dict[str, list[tuple]]:
+    with psycopg.connect(legacy_db) as conn:
+        state = {
+            t: conn.execute(f"SELECT * FROM {t} ORDER BY id").fetchall()
+            for t in ("account_user", "account_user_groups", "account_user_user_permissions")
+        }
+        state["sequences"] = conn.execute(
+            "SELECT sequencename, last_value FROM pg_sequences WHERE sequencename LIKE 'account_user%' ORDER BY 1"
+        ).fetchall()
+        state["triggers"] = conn.execute("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal").fetchall()
+    with psycopg.connect(target_db) as conn:
+        state["cutovers"] = conn.execute("SELECT id, run_id, state FROM migration_audit.cutovers").fetchall()
+        state["audit"] = conn.execute(
+            "SELECT source_id, action, detail FROM migration_audit.rollback_rows ORDER BY action, source_id"
+        ).fetchall()
+    return state
+
+
+def carry(legacy_db: str, target_db: str) -> dict:
+    with (
+        psycopg.connect(legacy_db, autocommit=True) as src,
+        psycopg.connect(target_db, autocommit=True) as dst,
+    ):
+        return carry_back(src, dst, SETTINGS, "test", "rollback-sep")
+
+
+def test_two_database_carry_back_whose_target_commit_fails_is_finished_by_a_retry(
+    make_db, backup_dir, pg_server, monkeypatch
+):
+    """The target session is terminated after the legacy commit, before the target's: the legacy
+    tables are carried and writable while the cutover is still active. A retry ends where a clean
+    rollback does, without inserting anything twice."""
+    dbs = two_database_cutover(make_db, backup_dir)
+    carry(*dbs)
+    clean = end_state(*dbs)
+    assert clean["cutovers"][0][2] == "rolled_back" and clean["triggers"] == []
+
+    legacy_db, target_db = two_database_cutover(make_db, backup_dir / "second")
+    terminated: list[int] = []
+
+    def terminate_target() -> None:
+        with psycopg.connect(pg_server, autocommit=True) as admin:
+            pid = admin.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = %s AND state LIKE 'idle in transaction%%'",
+                (psycopg.conninfo.conninfo_to_dict(target_db)["dbname"],),
+            ).fetchone()[0]
+            assert admin.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,)).fetchone()[0]
+        terminated.append(pid)
+
+    monkeypatch.setattr(rollback, "between_commits", terminate_target)
+    with pytest.raises(MigrationError) as half:
+        carry(legacy_db, target_db)
+    assert terminated
+    message = str(half.value)
+    assert message.startswith("rollback half done: the legacy tables are carried back and writable")
+    assert "Run the rollback again" in message
+    half_done = end_state(legacy_db, target_db)
+    assert half_done["cutovers"][0][2] == "active" and half_done["audit"] == []
+    assert half_done["account_user"] == clean["account_user"] and half_done["triggers"] == []
+
+    monkeypatch.undo()
+    result = carry(legacy_db, target_db)  # the retry: no UniqueViolation, nothing carried twice
+    assert result["resumed"] is True
+    assert (result["inserted"], result["updated"], result["links_added"], result["links_removed"]) == (
+        1,
+        2,
+        0,
+        0,
+    )
+    retried = end_state(legacy_db, target_db)
+    audit, clean_audit = retried.pop("audit"), clean.pop("audit")
+    assert retried == clean
+    # The audit: deletes and inserts as in a clean rollback; the updates' fields and the link changes
+    # were recorded by the attempt whose target commit failed, so the retry says they were carried earlier.
+    assert [a for a in audit if a[1] != "update"] == [a for a in clean_audit if a[1] in ("delete", "insert")]
+    assert [a[:2] for a in audit if a[1] == "update"] == [a[:2] for a in clean_audit if a[1] == "update"]
+    assert {a[2] for a in audit if a[1] == "update"} == {rollback.CARRIED_EARLIER}

@@ -6,7 +6,8 @@ passwords, last_login, flags and other fields, deleted users), recording each ca
 migration_audit.rollback_rows, then mark the cutover rolled back so sync passes resume. The new
 tables are locked against writes (EXCLUSIVE: reads go on) from the start until the commit, so no
 write the application makes to them meanwhile is lost; it waits and lands after the commit, which
-is why the application is switched back to the legacy tables before carry_back runs.
+is why the application is switched back to the legacy tables before carry_back runs. With two
+databases a failure between the legacy commit and the target's is finished by running it again.
 
 restore: bring the legacy tables back to a backup run, refusing unless every file matches the
 sha256 in its manifest. The files are staged in temp tables, then, in the same transaction, only
@@ -29,15 +30,26 @@ from psycopg import sql
 from user_migration.backup import verify_backup
 from user_migration.config import FIELDS, Settings
 from user_migration.cutover import active_cutover, set_legacy_read_only
-from user_migration.db import copy_batches, fetch_batches, legacy_select_list, read_sql
+from user_migration.db import (
+    copy_batches,
+    fetch_batches,
+    legacy_select_list,
+    read_sql,
+    safe_error,
+    users_table,
+)
 from user_migration.errors import MigrationError
+from user_migration.faults import between_commits
 from user_migration.partition_copy import TARGET_LINKS, fingerprint_sql
 from user_migration.transforms import LegacyRow, NewUser, Transformer
 
 CARRIED_FIELDS = [f for f in FIELDS if f != "id"]
+# The audit detail of a changed user whose change an interrupted attempt carried (its fields are lost).
+CARRIED_EARLIER = "already in the legacy table: carried by an earlier attempt"
 
 
 BATCH = 10_000
+READ_ONLY_TRIGGER = "user_migration_read_only"  # as make_legacy_read_only.sql names it
 # The tables the application writes after the cutover; carry_back holds them against writes.
 NEW_TABLES = (
     "account_newuser",
@@ -52,7 +64,10 @@ def carry_back(
 ) -> dict[str, Any]:
     """Roll back the active cutover; one transaction per database (one in all when they are the same).
 
-    The new tables are held against writes first (``_hold_new_tables``), until the commit.
+    The new tables are held against writes first (``_hold_new_tables``), until the commit. With two
+    databases the legacy side commits first, then the target marks the cutover rolled back; if that
+    second commit fails, running carry_back again finishes the job (``resumed`` in the result):
+    rows already carried are left as they are, nothing is inserted twice.
     Deleted users go first and inserted ones last, so keys freed by one change are free for the next;
     then the group and permission links of every user in the target are made the target's. SQL finds
     the rows that changed since the cutover (their fingerprint differs from the sync state's) and
@@ -63,28 +78,56 @@ def carry_back(
         raise MigrationError("there is no active cutover to roll back (migration_audit.cutovers)")
     same = legacy is target
     counts = {"inserted": 0, "updated": 0, "deleted": 0, "links_added": 0, "links_removed": 0}
-    with legacy.transaction(), nullcontext() if same else target.transaction():
-        _hold_new_tables(target, settings)
-        set_legacy_read_only(legacy, settings, None)
-        carry = _Carrier(legacy, target, settings, cut["id"], rollback_run)
-        for ids in fetch_batches(
-            target, "rollback_deleted", sql.SQL(read_sql("rollback/deleted_users.sql")), size=BATCH
-        ):
-            counts["deleted"] += carry.delete([row[0] for row in ids])
-        changed = sql.SQL(read_sql("rollback/changed_users.sql")).format(fingerprint=fingerprint_sql())
-        for rows in fetch_batches(target, "rollback_changed", changed, {"new": False}, BATCH):
-            counts["updated"] += carry.update([NewUser(*row) for row in rows])
-        for rows in fetch_batches(target, "rollback_new", changed, {"new": True}, BATCH):
-            counts["inserted"] += carry.insert([NewUser(*row) for row in rows])
-        if counts["inserted"]:
-            carry.advance_sequence()
-        counts.update(carry.links())
-        target.execute(
-            "UPDATE migration_audit.cutovers SET state = 'rolled_back', rolled_back_at = now(), "
-            "rolled_back_by = %s WHERE id = %s",
-            (by, cut["id"]),
-        )
-    return {"cutover_id": cut["id"], "cutover_run_id": cut["run_id"], **counts}
+    legacy_committed = resumed = False
+    try:
+        # The target's transaction encloses the legacy one: the legacy side commits first, and a retry
+        # after a failed target commit finds the cutover still active and carries nothing twice.
+        with target.transaction():
+            _hold_new_tables(target, settings)
+            with nullcontext() if same else legacy.transaction():
+                resumed = not _legacy_read_only(legacy, settings)
+                set_legacy_read_only(legacy, settings, None)
+                carry = _Carrier(legacy, target, settings, cut["id"], rollback_run, resumed)
+                for ids in fetch_batches(
+                    target, "rollback_deleted", sql.SQL(read_sql("rollback/deleted_users.sql")), size=BATCH
+                ):
+                    counts["deleted"] += carry.delete([row[0] for row in ids])
+                changed = sql.SQL(read_sql("rollback/changed_users.sql")).format(
+                    fingerprint=fingerprint_sql()
+                )
+                for rows in fetch_batches(target, "rollback_changed", changed, {"new": False}, BATCH):
+                    counts["updated"] += carry.update([NewUser(*row) for row in rows])
+                for rows in fetch_batches(target, "rollback_new", changed, {"new": True}, BATCH):
+                    counts["inserted"] += carry.insert([NewUser(*row) for row in rows])
+                if counts["inserted"]:
+                    carry.advance_sequence()
+                counts.update(carry.links())
+            legacy_committed = not same
+            if legacy_committed:
+                between_commits()
+            target.execute(
+                "UPDATE migration_audit.cutovers SET state = 'rolled_back', rolled_back_at = now(), "
+                "rolled_back_by = %s WHERE id = %s",
+                (by, cut["id"]),
+            )
+    except psycopg.Error as exc:
+        if not legacy_committed:
+            raise
+        raise MigrationError(
+            f"rollback half done: the legacy tables are carried back and writable, but the target database "
+            f"failed before its commit ({safe_error(exc)}), so cutover {cut['id']} is still marked active. Run "
+            "the rollback again once the target database is reachable: it carries only what is still missing "
+            "and marks the cutover rolled back"
+        ) from None
+    return {"cutover_id": cut["id"], "cutover_run_id": cut["run_id"], "resumed": resumed, **counts}
+
+
+def _legacy_read_only(legacy: psycopg.Connection, settings: Settings) -> bool:
+    """Whether the cutover's read-only trigger is on the legacy users table (gone: a rollback's legacy side committed)."""
+    return legacy.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = %s::regclass AND tgname = %s)",
+        (users_table(settings.mapping).as_string(legacy), READ_ONLY_TRIGGER),
+    ).fetchone()[0]
 
 
 def _hold_new_tables(target: psycopg.Connection, settings: Settings) -> None:
@@ -133,8 +176,10 @@ class _Carrier:
         settings: Settings,
         cutover_id: int,
         run: str,
+        resumed: bool = False,
     ) -> None:
         self.legacy, self.target, self.cutover_id, self.run = legacy, target, cutover_id, run
+        self.resumed = resumed  # the legacy side of an earlier attempt committed, its target side did not
         mapping = settings.mapping
         self.mapping = mapping
         self.users = sql.Identifier(mapping.schema, mapping.users_table)
@@ -169,8 +214,11 @@ class _Carrier:
         self._record([(i, "delete", None) for i in ids])
         return deleted
 
-    def update(self, users: list[NewUser]) -> int:
-        """Changed users: only the fields whose value differs from the legacy row's transformed value."""
+    def update(self, users: list[NewUser], new: bool = False) -> int:
+        """Changed users: only the fields whose value differs from the legacy row's transformed value.
+
+        ``new``: users created after the cutover that an earlier attempt already inserted.
+        """
         current = {user.id: user for user in users}
         select = sql.SQL("SELECT {} FROM {} WHERE {} = ANY(%s)").format(
             legacy_select_list(self.mapping), self.users, self.id_column
@@ -182,6 +230,8 @@ class _Carrier:
             now = current[values[0]]
             fields = tuple(f for f, _ in self.mapped if was is None or getattr(was, f) != getattr(now, f))
             if not fields:
+                if self.resumed and not new:  # its audit row went with the failed target commit: write it now
+                    records.append((values[0], "update", CARRIED_EARLIER))
                 continue
             by_fields.setdefault(fields, []).append(
                 (
@@ -240,14 +290,38 @@ class _Carrier:
             ) from None
 
     def insert(self, users: list[NewUser]) -> int:
-        """Users the application created after the cutover, with their ids."""
+        """Users the application created after the cutover, with their ids.
+
+        One already in the legacy table that the sync state does not know was put there by an earlier
+        attempt whose target commit failed: it is brought up to date instead of inserted twice.
+        """
+        present = {
+            row[0]
+            for row in self.legacy.execute(
+                sql.SQL("SELECT {} FROM {} WHERE {} = ANY(%s)").format(
+                    self.id_column, self.users, self.id_column
+                ),
+                ([user.id for user in users],),
+            ).fetchall()
+        }
+        known = {
+            row[0]
+            for row in self.target.execute(
+                "SELECT source_id FROM migration_audit.source_state WHERE source_id = ANY(%s)",
+                (list(present),),
+            ).fetchall()
+        }
+        carried = {user.id for user in users if user.id in present and user.id not in known}
+        if carried:
+            self.update([user for user in users if user.id in carried], new=True)
+        fresh = [user for user in users if user.id not in carried]
         columns = [self.mapping.column("id")] + [column for _, column in self.mapped]
         insert = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
             self.users,
             sql.SQL(", ").join(map(sql.Identifier, columns)),
             sql.SQL(", ").join(sql.Placeholder() * len(columns)),
         )
-        for user in users:
+        for user in fresh:
             values = [user.id] + [
                 _fit(getattr(user, f), self.limits.get(c), f, user.id) for f, c in self.mapped
             ]
