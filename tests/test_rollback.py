@@ -358,3 +358,25 @@ def test_two_database_carry_back_whose_target_commit_fails_is_finished_by_a_retr
     assert [a for a in audit if a[1] != "update"] == [a for a in clean_audit if a[1] in ("delete", "insert")]
     assert [a[:2] for a in audit if a[1] == "update"] == [a[:2] for a in clean_audit if a[1] == "update"]
     assert {a[2] for a in audit if a[1] == "update"} == {rollback.CARRIED_EARLIER}
+
+
+def test_carry_back_never_moves_a_link_sequence_back(legacy, backup_dir):
+    """Links made and deleted on the legacy side before the cutover used ids 204..208: after a carry-back
+    that adds a link (id 204 from the target), the legacy sequence still hands out 209, not 205."""
+    with psycopg.connect(legacy) as conn:
+        for _ in range(5):
+            conn.execute("INSERT INTO account_user_user_permissions (user_id, permission_id) VALUES (40, 1)")
+            conn.execute("DELETE FROM account_user_user_permissions WHERE user_id = 40 AND permission_id = 1")
+    validated_pass(legacy, "pass-1", backup_dir)
+    cutover(legacy, "pass-1")
+    with psycopg.connect(legacy) as conn:
+        conn.execute("INSERT INTO account_newuser_user_permissions (newuser_id, permission_id) VALUES (2, 1)")
+    with psycopg.connect(legacy, autocommit=True) as conn:
+        carry_back(conn, conn, SETTINGS, "test", "rollback-1")
+        assert conn.execute(
+            "SELECT id FROM account_user_user_permissions WHERE user_id = 2 AND permission_id = 1"
+        ).fetchone() == (204,)
+        added = conn.execute(
+            "INSERT INTO account_user_user_permissions (user_id, permission_id) VALUES (40, 2) RETURNING id"
+        ).fetchone()[0]
+    assert added == 209
