@@ -20,9 +20,10 @@ Triggered by hand; type `ROLLBACK` in **confirm**.
   made in the new tables since the cutover back into them (new users, changed passwords,
   last_login, flags and other fields, deleted users). Each carried-back row is recorded in
   `migration_audit.rollback_rows`; the cutover is marked rolled back and sync passes resume.
-- **restore**: reloads the legacy tables from the backup of run **backup_run_id**, refusing unless
-  every file matches the sha256 in its manifest. Files are loaded into new tables first, then
-  swapped in, in one transaction.
+- **restore**: brings the legacy tables back to the backup of run **backup_run_id**, refusing unless
+  every file matches the sha256 in its manifest. Files are staged in temp tables, then only the rows
+  that differ are deleted, updated or inserted, in one transaction; it refuses, changing nothing,
+  when rows of other tables point at users the backup lacks.
 """,
     schedule=None,
     start_date=dt.datetime(2025, 1, 1, tzinfo=dt.UTC),

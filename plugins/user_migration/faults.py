@@ -1,4 +1,5 @@
-"""Fault injection for tests of retries and crashes; inert unless its environment variables are set.
+"""Fault injection for tests of retries and crashes; inert unless its environment variables are set
+(or, for between_commits, a test replaces it).
 
 - ``USER_MIGRATION_FAIL_ONCE=<task_id>[@<run id part>][,...]``: that task raises on its first try
   only (in runs whose id contains ``<run id part>``, when given), so the scheduler's retry must
@@ -41,3 +42,11 @@ def kill_after_batch(batch_no: int) -> None:
         return
     path.write_text(f"killed after batch {batch_no} in pid {os.getpid()}\n")
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def between_commits() -> None:
+    """A seam where a two-database rollback has committed the legacy side but not yet the target.
+
+    Does nothing; the tests put a fault here (a terminated target session) to prove that a retry
+    finishes a half-done rollback.
+    """

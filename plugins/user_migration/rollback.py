@@ -3,12 +3,16 @@
 carry_back: after a cutover the application wrote to the new tables; make the legacy tables
 writable again and carry every change made since the cutover back into them (new users, changed
 passwords, last_login, flags and other fields, deleted users), recording each carried-back row in
-migration_audit.rollback_rows, then mark the cutover rolled back so sync passes resume.
+migration_audit.rollback_rows, then mark the cutover rolled back so sync passes resume. The new
+tables are locked against writes (EXCLUSIVE: reads go on) from the start until the commit, so no
+write the application makes to them meanwhile is lost; it waits and lands after the commit, which
+is why the application is switched back to the legacy tables before carry_back runs. With two
+databases a failure between the legacy commit and the target's is finished by running it again.
 
-restore: reload the legacy tables from a backup run, refusing unless every file matches the sha256
-in its manifest; the files are loaded into new tables first, then swapped in, in one transaction.
-The swap replaces the tables' contents rather than renaming tables, so foreign keys of the
-application's other tables keep pointing at the live table.
+restore: bring the legacy tables back to a backup run, refusing unless every file matches the
+sha256 in its manifest. The files are staged in temp tables, then, in the same transaction, only
+the rows that differ are deleted, updated or inserted: the application's other tables that point
+at the users keep their rows, and no id sequence moves back.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import gzip
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +30,33 @@ from psycopg import sql
 from user_migration.backup import verify_backup
 from user_migration.config import FIELDS, Settings
 from user_migration.cutover import active_cutover, set_legacy_read_only
-from user_migration.db import copy_batches, fetch_batches, legacy_select_list, read_sql
+from user_migration.db import (
+    copy_batches,
+    fetch_batches,
+    legacy_select_list,
+    read_sql,
+    safe_error,
+    users_table,
+)
 from user_migration.errors import MigrationError
+from user_migration.faults import between_commits
 from user_migration.partition_copy import TARGET_LINKS, fingerprint_sql
 from user_migration.transforms import LegacyRow, NewUser, Transformer
 
 CARRIED_FIELDS = [f for f in FIELDS if f != "id"]
+# The audit detail of a changed user whose change an interrupted attempt carried (its fields are lost).
+CARRIED_EARLIER = "already in the legacy table: carried by an earlier attempt"
 
 
 BATCH = 10_000
+READ_ONLY_TRIGGER = "user_migration_read_only"  # as make_legacy_read_only.sql names it
+# The tables the application writes after the cutover; carry_back holds them against writes.
+NEW_TABLES = (
+    "account_newuser",
+    "account_newuser_groups",
+    "account_newuser_user_permissions",
+    "account_profile",
+)
 
 
 def carry_back(
@@ -41,6 +64,10 @@ def carry_back(
 ) -> dict[str, Any]:
     """Roll back the active cutover; one transaction per database (one in all when they are the same).
 
+    The new tables are held against writes first (``_hold_new_tables``), until the commit. With two
+    databases the legacy side commits first, then the target marks the cutover rolled back; if that
+    second commit fails, running carry_back again finishes the job (``resumed`` in the result):
+    rows already carried are left as they are, nothing is inserted twice.
     Deleted users go first and inserted ones last, so keys freed by one change are free for the next;
     then the group and permission links of every user in the target are made the target's. SQL finds
     the rows that changed since the cutover (their fingerprint differs from the sync state's) and
@@ -51,27 +78,92 @@ def carry_back(
         raise MigrationError("there is no active cutover to roll back (migration_audit.cutovers)")
     same = legacy is target
     counts = {"inserted": 0, "updated": 0, "deleted": 0, "links_added": 0, "links_removed": 0}
-    with legacy.transaction(), nullcontext() if same else target.transaction():
-        set_legacy_read_only(legacy, settings, None)
-        carry = _Carrier(legacy, target, settings, cut["id"], rollback_run)
-        for ids in fetch_batches(
-            target, "rollback_deleted", sql.SQL(read_sql("rollback/deleted_users.sql")), size=BATCH
-        ):
-            counts["deleted"] += carry.delete([row[0] for row in ids])
-        changed = sql.SQL(read_sql("rollback/changed_users.sql")).format(fingerprint=fingerprint_sql())
-        for rows in fetch_batches(target, "rollback_changed", changed, {"new": False}, BATCH):
-            counts["updated"] += carry.update([NewUser(*row) for row in rows])
-        for rows in fetch_batches(target, "rollback_new", changed, {"new": True}, BATCH):
-            counts["inserted"] += carry.insert([NewUser(*row) for row in rows])
-        if counts["inserted"]:
-            carry.advance_sequence()
-        counts.update(carry.links())
-        target.execute(
-            "UPDATE migration_audit.cutovers SET state = 'rolled_back', rolled_back_at = now(), "
-            "rolled_back_by = %s WHERE id = %s",
-            (by, cut["id"]),
+    legacy_committed = resumed = False
+    try:
+        # The target's transaction encloses the legacy one: the legacy side commits first, and a retry
+        # after a failed target commit finds the cutover still active and carries nothing twice.
+        with target.transaction():
+            _hold_new_tables(target, settings)
+            with nullcontext() if same else legacy.transaction():
+                resumed = not _legacy_read_only(legacy, settings)
+                set_legacy_read_only(legacy, settings, None)
+                carry = _Carrier(legacy, target, settings, cut["id"], rollback_run, resumed)
+                for ids in fetch_batches(
+                    target, "rollback_deleted", sql.SQL(read_sql("rollback/deleted_users.sql")), size=BATCH
+                ):
+                    counts["deleted"] += carry.delete([row[0] for row in ids])
+                changed = sql.SQL(read_sql("rollback/changed_users.sql")).format(
+                    fingerprint=fingerprint_sql()
+                )
+                for rows in fetch_batches(target, "rollback_changed", changed, {"new": False}, BATCH):
+                    counts["updated"] += carry.update([NewUser(*row) for row in rows])
+                for rows in fetch_batches(target, "rollback_new", changed, {"new": True}, BATCH):
+                    counts["inserted"] += carry.insert([NewUser(*row) for row in rows])
+                if counts["inserted"]:
+                    carry.advance_sequence()
+                counts.update(carry.links())
+            legacy_committed = not same
+            if legacy_committed:
+                between_commits()
+            target.execute(
+                "UPDATE migration_audit.cutovers SET state = 'rolled_back', rolled_back_at = now(), "
+                "rolled_back_by = %s WHERE id = %s",
+                (by, cut["id"]),
+            )
+    except psycopg.Error as exc:
+        if not legacy_committed:
+            raise
+        raise MigrationError(
+            f"rollback half done: the legacy tables are carried back and writable, but the target database "
+            f"failed before its commit ({safe_error(exc)}), so cutover {cut['id']} is still marked active. Run "
+            "the rollback again once the target database is reachable: it carries only what is still missing "
+            "and marks the cutover rolled back"
+        ) from None
+    return {"cutover_id": cut["id"], "cutover_run_id": cut["run_id"], "resumed": resumed, **counts}
+
+
+def _legacy_read_only(legacy: psycopg.Connection, settings: Settings) -> bool:
+    """Whether the cutover's read-only trigger is on the legacy users table (gone: a rollback's legacy side committed)."""
+    return legacy.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = %s::regclass AND tgname = %s)",
+        (users_table(settings.mapping).as_string(legacy), READ_ONLY_TRIGGER),
+    ).fetchone()[0]
+
+
+def _hold_new_tables(target: psycopg.Connection, settings: Settings) -> None:
+    """Lock the new tables against writes until the carry-back commits: a write after its reads would be lost.
+
+    EXCLUSIVE mode lets the application read on; its writes wait, then land after the commit. Gives
+    up after ``lock_timeout_ms`` rather than queueing the application behind a long transaction.
+    """
+    tables = [
+        name
+        for name in NEW_TABLES
+        if target.execute("SELECT to_regclass(%s)", (name,)).fetchone()[0] is not None
+    ]
+    target.execute(
+        sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{settings.lock_timeout_ms}ms"))
+    )
+    try:
+        with target.transaction():
+            target.execute(
+                sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(
+                    sql.SQL(", ").join(map(sql.Identifier, tables))
+                )
+            )
+    except psycopg.errors.LockNotAvailable:
+        oids = [target.execute("SELECT %s::regclass::oid", (name,)).fetchone()[0] for name in tables]
+        rows = target.execute(read_sql("cutover/legacy_lock_holders.sql"), {"tables": oids}).fetchall()
+        holders = "; ".join(
+            f"pid {pid} ({app}, {state}, in a transaction for {secs} s)" for pid, app, state, secs in rows
         )
-    return {"cutover_id": cut["id"], "cutover_run_id": cut["run_id"], **counts}
+        raise MigrationError(
+            f"rollback gave up, nothing changed: {', '.join(tables)} could not be locked against writes within "
+            f"{settings.lock_timeout_ms} ms ({holders or 'no session holds them now'}). The cutover stays active "
+            "and the legacy tables read-only; stop the application's writes to the new tables (switch it back "
+            "first), then retry, or raise lock_timeout_ms"
+        ) from None
+    target.execute("SET LOCAL lock_timeout = '30s'")
 
 
 class _Carrier:
@@ -84,8 +176,10 @@ class _Carrier:
         settings: Settings,
         cutover_id: int,
         run: str,
+        resumed: bool = False,
     ) -> None:
         self.legacy, self.target, self.cutover_id, self.run = legacy, target, cutover_id, run
+        self.resumed = resumed  # the legacy side of an earlier attempt committed, its target side did not
         mapping = settings.mapping
         self.mapping = mapping
         self.users = sql.Identifier(mapping.schema, mapping.users_table)
@@ -120,8 +214,11 @@ class _Carrier:
         self._record([(i, "delete", None) for i in ids])
         return deleted
 
-    def update(self, users: list[NewUser]) -> int:
-        """Changed users: only the fields whose value differs from the legacy row's transformed value."""
+    def update(self, users: list[NewUser], new: bool = False) -> int:
+        """Changed users: only the fields whose value differs from the legacy row's transformed value.
+
+        ``new``: users created after the cutover that an earlier attempt already inserted.
+        """
         current = {user.id: user for user in users}
         select = sql.SQL("SELECT {} FROM {} WHERE {} = ANY(%s)").format(
             legacy_select_list(self.mapping), self.users, self.id_column
@@ -133,6 +230,8 @@ class _Carrier:
             now = current[values[0]]
             fields = tuple(f for f, _ in self.mapped if was is None or getattr(was, f) != getattr(now, f))
             if not fields:
+                if self.resumed and not new:  # its audit row went with the failed target commit: write it now
+                    records.append((values[0], "update", CARRIED_EARLIER))
                 continue
             by_fields.setdefault(fields, []).append(
                 (
@@ -191,14 +290,38 @@ class _Carrier:
             ) from None
 
     def insert(self, users: list[NewUser]) -> int:
-        """Users the application created after the cutover, with their ids."""
+        """Users the application created after the cutover, with their ids.
+
+        One already in the legacy table that the sync state does not know was put there by an earlier
+        attempt whose target commit failed: it is brought up to date instead of inserted twice.
+        """
+        present = {
+            row[0]
+            for row in self.legacy.execute(
+                sql.SQL("SELECT {} FROM {} WHERE {} = ANY(%s)").format(
+                    self.id_column, self.users, self.id_column
+                ),
+                ([user.id for user in users],),
+            ).fetchall()
+        }
+        known = {
+            row[0]
+            for row in self.target.execute(
+                "SELECT source_id FROM migration_audit.source_state WHERE source_id = ANY(%s)",
+                (list(present),),
+            ).fetchall()
+        }
+        carried = {user.id for user in users if user.id in present and user.id not in known}
+        if carried:
+            self.update([user for user in users if user.id in carried], new=True)
+        fresh = [user for user in users if user.id not in carried]
         columns = [self.mapping.column("id")] + [column for _, column in self.mapped]
         insert = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
             self.users,
             sql.SQL(", ").join(map(sql.Identifier, columns)),
             sql.SQL(", ").join(sql.Placeholder() * len(columns)),
         )
-        for user in users:
+        for user in fresh:
             values = [user.id] + [
                 _fit(getattr(user, f), self.limits.get(c), f, user.id) for f, c in self.mapped
             ]
@@ -290,15 +413,7 @@ class _Carrier:
         return totals
 
     def advance_sequence(self) -> None:
-        mapping = self.mapping
-        self.legacy.execute(
-            sql.SQL("SELECT setval(pg_get_serial_sequence({}, {}), (SELECT max({}) FROM {}))").format(
-                sql.Literal(f"{mapping.schema}.{mapping.users_table}"),
-                sql.Literal(mapping.column("id")),
-                self.id_column,
-                self.users,
-            )
-        )
+        advance_sequence(self.legacy, self.users, self.mapping.column("id"))
 
 
 def _column_limits(legacy: psycopg.Connection, settings: Settings) -> dict[str, int]:
@@ -323,75 +438,67 @@ def _fit(value: Any, limit: int | None, field: str, user_id: int) -> Any:
 
 def restore(
     legacy: psycopg.Connection, target: psycopg.Connection | None, settings: Settings, folder: Path
-) -> dict:
-    """Reload the legacy tables from the backup in ``folder``; refuses a backup that fails its checksums."""
+) -> dict[str, Any]:
+    """Bring the legacy tables back to the backup in ``folder``, changing only the rows that differ.
+
+    Deleting and re-inserting everything would cascade into (or break the keys of) the application's
+    tables that point at the users and move id sequences back; a difference touches none of that.
+    The backup is staged in temp tables dropped with the transaction, so no copy of the password
+    hashes outlives it, whatever fails. Refuses, changing nothing, when rows of other tables point
+    at users the backup lacks.
+    """
     manifest = verify_backup(folder)
-    mapping = settings.mapping
-    live = {f"{mapping.schema}.{name}" for name in _names(settings)}
+    tables = _restore_tables(settings)
     entries = {entry["table"]: entry for entry in manifest["tables"]}
-    missing = live - set(entries)
+    missing = [key for key, _ in tables if key not in entries]
     if missing:
-        raise MigrationError(
-            f"backup {folder} has no file for {', '.join(sorted(missing))}; refusing to restore"
-        )
+        raise MigrationError(f"backup {folder} has no file for {', '.join(missing)}; refusing to restore")
     loaded: dict[str, int] = {}
-    with legacy.transaction():
-        for qualified in _ordered(settings):
-            entry = entries[qualified]
-            schema, name = qualified.split(".", 1)
-            columns = [
-                r[0]
-                for r in legacy.execute(
-                    "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND table_name = %s "
-                    "ORDER BY ordinal_position",
-                    (schema, name),
-                ).fetchall()
+    changes: dict[str, dict[str, int]] = {}
+    try:
+        with legacy.transaction():
+            staged = [
+                _stage(legacy, live, entries[key], folder, f"user_migration_restore_{n}")
+                for n, (key, live) in enumerate(tables)
             ]
-            if columns != entry["columns"]:
-                raise MigrationError(
-                    f"backup file {entry['path']} has columns {entry['columns']}, the live table {qualified} has "
-                    f"{columns}; refusing to restore into a table whose shape changed"
-                )
-            staging = sql.Identifier(schema, f"{name}__restore")
-            legacy.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(staging))
+            for (key, _), table in zip(tables, staged, strict=True):
+                loaded[key] = table.rows
             legacy.execute(
-                sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS)").format(
-                    staging, sql.Identifier(schema, name)
-                )
+                sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{settings.lock_timeout_ms}ms"))
             )
-            with (
-                legacy.cursor().copy(
-                    sql.SQL("COPY {} FROM STDIN WITH (FORMAT csv, HEADER true)").format(staging)
-                ) as copy,
-                gzip.open(folder / entry["path"], "rb") as fh,
-            ):
-                while chunk := fh.read(1 << 20):
-                    copy.write(chunk)
-            count = legacy.execute(sql.SQL("SELECT count(*) FROM {}").format(staging)).fetchone()[0]
-            if count != entry["rows"]:
-                raise MigrationError(
-                    f"backup file {entry['path']} loaded {count} rows, its manifest says {entry['rows']}; refusing"
-                )
-            loaded[qualified] = count
-    # The swap: one transaction, children emptied before the parent, the parent filled first.
-    with legacy.transaction():
-        legacy.execute("SET CONSTRAINTS ALL DEFERRED")
-        set_legacy_read_only(legacy, settings, None)
-        order = _ordered(settings)
-        for qualified in reversed(order):
-            schema, name = qualified.split(".", 1)
-            legacy.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(schema, name)))
-        for qualified in order:
-            schema, name = qualified.split(".", 1)
-            live_table, staging = sql.Identifier(schema, name), sql.Identifier(schema, f"{name}__restore")
-            legacy.execute(sql.SQL("INSERT INTO {} SELECT * FROM {}").format(live_table, staging))
-            legacy.execute(sql.SQL("DROP TABLE {}").format(staging))
             legacy.execute(
-                sql.SQL(
-                    "SELECT setval(pg_get_serial_sequence({}, 'id'), coalesce((SELECT max(id) FROM {}), 0) + 1, false) "
-                    "WHERE pg_get_serial_sequence({}, 'id') IS NOT NULL"
-                ).format(sql.Literal(qualified), live_table, sql.Literal(qualified))
+                sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(sql.SQL(", ").join(t.live for t in staged))
             )
+            legacy.execute("SET LOCAL lock_timeout = '30s'")
+            for table in staged:
+                _refuse_lost_references(legacy, table, staged)
+            set_legacy_read_only(legacy, settings, None)
+            for key, table in reversed(list(zip(loaded, staged, strict=True))):
+                changes[key] = {"deleted": legacy.execute(table.statement("restore_delete.sql")).rowcount}
+            for key, table in zip(loaded, staged, strict=True):
+                if table.others:
+                    changes[key]["updated"] = legacy.execute(table.statement("restore_update.sql")).rowcount
+                else:
+                    changes[key]["updated"] = 0
+                changes[key]["inserted"] = legacy.execute(table.statement("restore_insert.sql")).rowcount
+                if len(table.key) == 1:
+                    advance_sequence(legacy, table.live, table.key[0])
+            legacy.execute("SET CONSTRAINTS ALL IMMEDIATE")  # a backup link to a vanished group fails here
+            for table in staged:
+                legacy.execute(sql.SQL("DROP TABLE {}").format(table.staging))
+    except psycopg.errors.LockNotAvailable:
+        raise MigrationError(
+            f"restore gave up, nothing changed: the legacy tables could not be locked within "
+            f"{settings.lock_timeout_ms} ms (a long transaction writes to them); retry when the application "
+            "is quieter, or raise lock_timeout_ms"
+        ) from None
+    except (psycopg.errors.UniqueViolation, psycopg.errors.ForeignKeyViolation) as exc:
+        # The key's value may be personal data (a username, an email): name the table and constraint.
+        raise MigrationError(
+            f"restore stopped, nothing changed: the backup's rows break {exc.diag.constraint_name} of "
+            f"{exc.diag.table_name} against the rows kept or the tables around them; fix the rows that "
+            "changed since the backup by hand, or restore a later backup"
+        ) from None
     if target is not None:
         cut = active_cutover(target)
         if cut is not None:
@@ -400,14 +507,142 @@ def restore(
                 "rolled_back_by = %s WHERE id = %s",
                 (f"restore from {folder.name}", cut["id"]),
             )
-    return {"backup": str(folder), "restored": loaded}
+    return {"backup": str(folder), "restored": loaded, "changes": changes}
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """One live table and the temp table holding its backup; composes the difference statements."""
+
+    live: sql.Identifier
+    staging: sql.Identifier
+    qualified: str  # the live table's quoted, qualified name, for regclass literals
+    key: list[str]
+    others: list[str]
+    rows: int
+
+    def statement(self, name: str) -> sql.Composed:
+        def joined(template: str, columns: list[str], sep: str) -> sql.Composed:
+            return sql.SQL(sep).join(sql.SQL(template).format(c=sql.Identifier(c)) for c in columns)
+
+        return sql.SQL(read_sql(f"rollback/{name}")).format(
+            live=self.live,
+            staging=self.staging,
+            match=joined("l.{c} = s.{c}", self.key, " AND "),
+            assign=joined("{c} = s.{c}", self.others, ", "),
+            differs=joined("l.{c} IS DISTINCT FROM s.{c}", self.others, " OR "),
+            columns=joined("{c}", self.key + self.others, ", "),
+            key=joined("{c}", self.key, ", "),
+        )
+
+
+def _stage(
+    legacy: psycopg.Connection, live: sql.Identifier, entry: dict[str, Any], folder: Path, name: str
+) -> _Staged:
+    """Load one backup file into a temp table (dropped at commit or rollback) shaped like ``live``."""
+    qualified = live.as_string(legacy)
+    columns = [
+        r[0]
+        for r in legacy.execute(
+            "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped "
+            "ORDER BY attnum",
+            (qualified,),
+        ).fetchall()
+    ]
+    if columns != entry["columns"]:
+        raise MigrationError(
+            f"backup file {entry['path']} has columns {entry['columns']}, the live table {qualified} has "
+            f"{columns}; refusing to restore into a table whose shape changed"
+        )
+    key = [
+        r[0]
+        for r in legacy.execute(
+            "SELECT a.attname FROM pg_index AS i CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k (attnum, n) "
+            "JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
+            "WHERE i.indrelid = %s::regclass AND i.indisprimary ORDER BY k.n",
+            (qualified,),
+        ).fetchall()
+    ]
+    if not key:
+        raise MigrationError(
+            f"the live table {qualified} has no primary key, so its rows cannot be matched with the backup's; "
+            "add one (Django tables have one on id) and restore again"
+        )
+    staging = sql.Identifier(name)
+    legacy.execute(
+        sql.SQL("CREATE TEMP TABLE {} ON COMMIT DROP AS SELECT * FROM {} WITH NO DATA").format(staging, live)
+    )
+    with (
+        legacy.cursor().copy(
+            sql.SQL("COPY {} FROM STDIN WITH (FORMAT csv, HEADER true)").format(staging)
+        ) as copy,
+        gzip.open(folder / entry["path"], "rb") as fh,
+    ):
+        while chunk := fh.read(1 << 20):
+            copy.write(chunk)
+    rows = legacy.execute(sql.SQL("SELECT count(*) FROM {}").format(staging)).fetchone()[0]
+    if rows != entry["rows"]:
+        raise MigrationError(
+            f"backup file {entry['path']} loaded {rows} rows, its manifest says {entry['rows']}; refusing"
+        )
+    legacy.execute(
+        sql.SQL("CREATE UNIQUE INDEX ON {} ({})").format(
+            staging, sql.SQL(", ").join(map(sql.Identifier, key))
+        )
+    )
+    legacy.execute(sql.SQL("ANALYZE {}").format(staging))
+    return _Staged(live, staging, qualified, key, [c for c in columns if c not in key], rows)
+
+
+def _refuse_lost_references(legacy: psycopg.Connection, table: _Staged, staged: list[_Staged]) -> None:
+    """Raise, naming the table, the constraint and a count, if other tables' rows point at rows the backup lacks."""
+    keys = legacy.execute(
+        read_sql("rollback/restore_referencing_keys.sql"),
+        {"table": table.qualified, "restored": [t.qualified for t in staged]},
+    ).fetchall()
+    for schema, name, referencing, constraint, fk_columns, pk_columns in keys:
+        count = legacy.execute(
+            sql.SQL(
+                "SELECT count(*) FROM {} AS r WHERE {} AND NOT EXISTS (SELECT 1 FROM {} AS s WHERE {})"
+            ).format(
+                sql.Identifier(schema, name),
+                sql.SQL(" AND ").join(
+                    sql.SQL("r.{} IS NOT NULL").format(sql.Identifier(c)) for c in fk_columns
+                ),
+                table.staging,
+                sql.SQL(" AND ").join(
+                    sql.SQL("s.{} = r.{}").format(sql.Identifier(p), sql.Identifier(f))
+                    for f, p in zip(fk_columns, pk_columns, strict=True)
+                ),
+            )
+        ).fetchone()[0]
+        if count:
+            raise MigrationError(
+                f"restore refused, nothing changed: {count} row(s) of {referencing} point at rows of "
+                f"{table.qualified} that the backup does not have (foreign key {constraint}); restoring would "
+                f"delete those rows or break the key. Delete or re-point them in {referencing}, or restore a "
+                "later backup"
+            )
+
+
+def advance_sequence(conn: psycopg.Connection, table: sql.Identifier, column: str) -> None:
+    """Move the sequence of ``table``.``column`` past the column's largest value, never back (ids not reused)."""
+    conn.execute(
+        sql.SQL(read_sql("rollback/advance_sequence.sql")).format(
+            qualified=sql.Literal(table.as_string(conn)),
+            column=sql.Literal(column),
+            table=table,
+            ident=sql.Identifier(column),
+        )
+    )
+
+
+def _restore_tables(settings: Settings) -> list[tuple[str, sql.Identifier]]:
+    """(the backup manifest's name, the live table) of the users table, then the link tables."""
+    mapping = settings.mapping
+    return [(f"{mapping.schema}.{name}", sql.Identifier(mapping.schema, name)) for name in _names(settings)]
 
 
 def _names(settings: Settings) -> list[str]:
     mapping = settings.mapping
     return [mapping.users_table] + [link.table for link in (mapping.groups, mapping.permissions) if link]
-
-
-def _ordered(settings: Settings) -> list[str]:
-    """Parent first, then the link tables."""
-    return [f"{settings.mapping.schema}.{name}" for name in _names(settings)]

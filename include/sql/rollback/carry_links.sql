@@ -25,10 +25,14 @@ WITH added AS (
 )
 INSERT INTO rollback_link_changes (user_id, added, removed) SELECT user_id, 1, 0 FROM added;
 
--- 3. The id sequence past the ids just written, so the next default cannot collide with them.
-SELECT setval(seq, (SELECT max(id) FROM {link}))
-FROM (SELECT pg_get_serial_sequence({qualified}, 'id') AS seq) AS s
-WHERE seq IS NOT NULL AND EXISTS (SELECT 1 FROM {link});
+-- 3. The id sequence past the ids just written, so the next default cannot collide with them;
+--    never back, so ids of links deleted before the cutover are not handed out again.
+SELECT setval(s.seq, GREATEST(coalesce(ps.last_value, 0), m.top))
+FROM (SELECT pg_get_serial_sequence({qualified}, 'id')::regclass AS seq) AS s
+JOIN pg_sequences AS ps
+  ON (quote_ident(ps.schemaname) || '.' || quote_ident(ps.sequencename))::regclass = s.seq
+CROSS JOIN (SELECT max(id) AS top FROM {link}) AS m
+WHERE m.top IS NOT NULL;
 
 -- 4. The rest (their target id is taken by another legacy link): a new id from the sequence.
 WITH added AS (
