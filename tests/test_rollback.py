@@ -370,7 +370,10 @@ def test_carry_back_never_moves_a_link_sequence_back(legacy, backup_dir):
     validated_pass(legacy, "pass-1", backup_dir)
     cutover(legacy, "pass-1")
     with psycopg.connect(legacy) as conn:
-        conn.execute("INSERT INTO account_newuser_user_permissions (newuser_id, permission_id) VALUES (2, 1)")
+        # An explicit id below the legacy sequence (the target's own sequence is past 208 since the first load).
+        conn.execute(
+            "INSERT INTO account_newuser_user_permissions (id, newuser_id, permission_id) VALUES (204, 2, 1)"
+        )
     with psycopg.connect(legacy, autocommit=True) as conn:
         carry_back(conn, conn, SETTINGS, "test", "rollback-1")
         assert conn.execute(
