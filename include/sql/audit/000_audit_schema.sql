@@ -183,3 +183,15 @@ CREATE TABLE IF NOT EXISTS migration_audit.deferred_indexes (
     run_id      text NOT NULL,
     deferred_at timestamptz NOT NULL DEFAULT now()
 );
+
+-- Backup folders deleted by the retention policy (retention.py): which, whose, why, by which run.
+-- Folder names derive from run ids; no personal data here.
+CREATE TABLE IF NOT EXISTS migration_audit.backup_deletions (
+    id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    run_id         text NOT NULL,
+    folder         text NOT NULL,
+    backup_run_id  text NULL,
+    reason         text NOT NULL,
+    bytes          bigint NULL,
+    deleted_at     timestamptz NOT NULL DEFAULT now()
+);
