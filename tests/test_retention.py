@@ -101,6 +101,12 @@ def test_report_prunes_to_n_keeping_first_load_and_cutover_and_names_the_coverin
     assert all("beyond the newest 2 backups; the complete backup pass-8 is newer" in r[2] for r in recorded)
     assert stored["retention"]["deleted"] == summary["retention"]["deleted"]
 
+    # A retried report task deletes nothing more and still reports what the first attempt deleted.
+    with psycopg.connect(legacy, autocommit=True) as target:
+        again = MigrationReportOperator(task_id="report").run({"run_id": "pass-8"}, settings, target)
+    assert again["retention"]["deleted"] == summary["retention"]["deleted"]
+    assert folders(backup_dir) == {"pass-1", "pass-3", "pass-7", "pass-8"}
+
     covering = str(backup_dir.resolve() / "pass-8")
     assert summary["covering_backup"] == covering
     report = json.loads((backup_dir / "pass-8" / "report.json").read_text())
@@ -193,7 +199,11 @@ def test_only_a_newer_complete_backup_lets_an_older_one_go(legacy, backup_dir):
         result = prune_backups(conn, backup_dir, "pass-5", keep=0, keep_days=0)
     assert folders(backup_dir) == {"pass-1", "pass-3", "pass-4", "pass-5"}
     assert result["covering_backup"] is None
-    assert [d["reason"] for d in result["deleted"]] == ["leftover of an interrupted deletion"]
+    # The run's deletions so far: pass-2 by the first call, the leftover by this one.
+    assert [(d["folder"], d["reason"][:24]) for d in result["deleted"]] == [
+        ("pass-2", "only pinned and the newe"),
+        (".pruning-pass-0", "leftover of an interrupt"),
+    ]
 
 
 def test_run_folder_names_match_what_retention_looks_for():

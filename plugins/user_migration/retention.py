@@ -243,8 +243,6 @@ def prune_backups(
             log.warning("backup retention could not delete %s: %s", folder, exc.strerror or exc)
             result["failed"].append({**entry, "error": exc.strerror or str(exc)})
             continue
-        result["deleted"].append({**entry, "bytes": size})
-        result["freed_bytes"] += size
         with target.transaction():
             target.execute(
                 read_sql("retention/record_deletion.sql"),
@@ -256,4 +254,15 @@ def prune_backups(
                     "bytes": size,
                 },
             )
+    if apply:
+        # From the audit trail, so a retried report task still lists what its first attempt deleted.
+        result["deleted"] = [
+            {"folder": folder, "run_id": backup_run, "reason": reason, "bytes": size}
+            for folder, backup_run, reason, size in target.execute(
+                "SELECT folder, backup_run_id, reason, bytes FROM migration_audit.backup_deletions "
+                "WHERE run_id = %s ORDER BY id",
+                (run_id,),
+            )
+        ]
+        result["freed_bytes"] = sum(d["bytes"] or 0 for d in result["deleted"])
     return result
