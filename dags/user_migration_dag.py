@@ -154,6 +154,28 @@ with DAG(
                 "above retry_delay (20 s) plus the scheduler's hand-off between two tasks."
             ),
         ),
+        "backup_keep": Param(
+            None,
+            type=["null", "integer"],
+            minimum=0,
+            maximum=100_000,
+            description=(
+                "Backup retention: keep at least this many of the newest backups (0: no count rule). Empty: "
+                "USER_MIGRATION_BACKUP_KEEP, else 24. A backup is deleted only when it is beyond this count AND "
+                "older than backup_keep_days; the backups before the first load and of a cutover, and the "
+                "newest complete one, are never deleted."
+            ),
+        ),
+        "backup_keep_days": Param(
+            None,
+            type=["null", "integer"],
+            minimum=0,
+            maximum=3_650,
+            description=(
+                "Backup retention: keep every backup younger than this many days (0: no age rule). Empty: "
+                "USER_MIGRATION_BACKUP_KEEP_DAYS, else 7."
+            ),
+        ),
         "legacy_conn_id": Param(
             "legacy_db", type="string", description="Airflow connection of the legacy database."
         ),

@@ -75,6 +75,10 @@ def test_names_carrying_sql_are_kept_as_names_to_be_quoted():
         ({"max_reject_ratio": 2}, "max_reject_ratio must be a number from 0 to 1"),
         ({"dry_run": "yes"}, "dry_run must be true or false"),
         ({"lease_grace_seconds": 10}, "lease_grace_seconds must be from 30 to 86400, got 10"),
+        ({"backup_keep": -1}, r"Param backup_keep must be a whole number from 0 to 100000 \(0 turns"),
+        ({"backup_keep": "24"}, "Param backup_keep must be a whole number"),
+        ({"backup_keep_days": 4000}, "Param backup_keep_days must be a whole number from 0 to 3650"),
+        ({"backup_keep_days": 1.5}, "Param backup_keep_days must be a whole number"),
     ],
 )
 def test_bad_params_are_refused(params, message):
@@ -95,3 +99,20 @@ def test_params_become_settings():
     public = settings.public()
     assert public["mapping"]["users_table"] == "account_user"
     assert json.dumps(public)  # recorded in the audit trail as JSON
+
+
+def test_backup_retention_from_defaults_environment_then_params(monkeypatch):
+    monkeypatch.delenv("USER_MIGRATION_BACKUP_KEEP", raising=False)
+    monkeypatch.delenv("USER_MIGRATION_BACKUP_KEEP_DAYS", raising=False)
+    settings = Settings.from_params({})
+    assert (settings.backup_keep, settings.backup_keep_days) == (24, 7)
+    monkeypatch.setenv("USER_MIGRATION_BACKUP_KEEP", "48")
+    monkeypatch.setenv("USER_MIGRATION_BACKUP_KEEP_DAYS", " 0 ")
+    settings = Settings.from_params({"backup_keep": None})  # an empty Param: the environment decides
+    assert (settings.backup_keep, settings.backup_keep_days) == (48, 0)
+    settings = Settings.from_params({"backup_keep": 3, "backup_keep_days": 2})
+    assert (settings.backup_keep, settings.backup_keep_days) == (3, 2)
+    assert settings.public()["backup_keep"] == 3
+    monkeypatch.setenv("USER_MIGRATION_BACKUP_KEEP", "lots")
+    with pytest.raises(ConfigError, match="environment variable USER_MIGRATION_BACKUP_KEEP must be a whole"):
+        Settings.from_params({})

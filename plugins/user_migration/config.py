@@ -20,6 +20,11 @@ DEFAULT_MAPPING_FILE = INCLUDE_DIR / "config" / "legacy_mapping.json"
 MAPPING_FILE_ENV = "USER_MIGRATION_MAPPING_FILE"
 BACKUP_DIR_ENV = "USER_MIGRATION_BACKUP_DIR"
 DEFAULT_BACKUP_DIR = REPO_ROOT / "var" / "backups"
+# Backup retention (retention.py): how many unpinned backups to keep, and for how many days.
+BACKUP_KEEP_ENV = "USER_MIGRATION_BACKUP_KEEP"
+BACKUP_KEEP_DAYS_ENV = "USER_MIGRATION_BACKUP_KEEP_DAYS"
+MAX_BACKUP_KEEP = 100_000
+MAX_BACKUP_KEEP_DAYS = 3_650
 
 # Canonical field names, in the order rows travel through the pipeline.
 FIELDS = (
@@ -179,6 +184,10 @@ class Settings:
     lease_stale_minutes: int = 30
     lease_grace_seconds: int = 120
     full_reconcile: bool = False
+    # A day of hourly passes, and a week of anything: a bad pass noticed the next morning, or after a
+    # weekend, still has the backup taken before it. At 10M users (~1 GB a backup) that is ~190 GB.
+    backup_keep: int = 24
+    backup_keep_days: int = 7
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> Settings:
@@ -188,6 +197,27 @@ class Settings:
                 raise ConfigError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
             if not low <= value <= high:
                 raise ConfigError(f"{name} must be from {low} to {high}, got {value}")
+            return value
+
+        def retention(name: str, env: str, high: int) -> int:
+            """The Param when given, else the environment variable, else the default."""
+            value = params.get(name)
+            where = f"Param {name}"
+            if value is None:
+                raw = os.environ.get(env, "").strip()
+                if not raw:
+                    return getattr(cls, name)
+                where = f"environment variable {env}"
+                try:
+                    value = int(raw)
+                except ValueError:
+                    raise ConfigError(
+                        f"{where} must be a whole number from 0 to {high}, got {raw!r}; fix or unset it"
+                    ) from None
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+                raise ConfigError(
+                    f"{where} must be a whole number from 0 to {high} (0 turns that rule off), got {value!r}"
+                )
             return value
 
         region = str(params.get("phone_region", cls.phone_region) or "").upper()
@@ -222,6 +252,8 @@ class Settings:
             lock_wait_seconds=integer("lock_wait_seconds", 0, 86_400),
             lease_stale_minutes=integer("lease_stale_minutes", 1, 10_080),
             lease_grace_seconds=integer("lease_grace_seconds", 30, 86_400),
+            backup_keep=retention("backup_keep", BACKUP_KEEP_ENV, MAX_BACKUP_KEEP),
+            backup_keep_days=retention("backup_keep_days", BACKUP_KEEP_DAYS_ENV, MAX_BACKUP_KEEP_DAYS),
             max_reject_ratio=float(ratio),
             legacy_conn_id=_identifier(params.get("legacy_conn_id", cls.legacy_conn_id), "legacy_conn_id"),
             target_conn_id=_identifier(params.get("target_conn_id", cls.target_conn_id), "target_conn_id"),

@@ -383,6 +383,7 @@ class MigrationReportOperator(_MigrationOperator):
     def run(self, context, settings, target):
         from user_migration import audit, lease
         from user_migration.report import PERSONAL_DATA_NOTE, write_report
+        from user_migration.retention import prune_backups
 
         run_id = context["run_id"]
         numbers = audit.reconcile(target, run_id)
@@ -390,6 +391,15 @@ class MigrationReportOperator(_MigrationOperator):
             "SELECT backup_path FROM migration_audit.runs WHERE run_id = %s", (run_id,)
         ).fetchone()
         backup_path = backup[0] if backup else None
+        # The pass succeeded: prune old backups now (a dry run only says what it would delete).
+        retention = prune_backups(
+            target,
+            backup_root(),
+            run_id,
+            settings.backup_keep,
+            settings.backup_keep_days,
+            apply=not settings.dry_run,
+        )
         started = audit.run_started_at(target, run_id)
         target_users = None
         if not settings.dry_run:
@@ -402,6 +412,8 @@ class MigrationReportOperator(_MigrationOperator):
             "target_users": target_users,
             "checks": audit.validation_results(target, run_id),
             "backup_path": backup_path,
+            "covering_backup": retention["covering_backup"],
+            "retention": retention,
             "seconds": round((dt.datetime.now(dt.UTC) - started).total_seconds(), 1) if started else None,
             "settings": {k: v for k, v in settings.public().items() if k != "mapping"},
             "personal_data": PERSONAL_DATA_NOTE.format(backup=backup_path),
@@ -425,6 +437,17 @@ class MigrationReportOperator(_MigrationOperator):
         summary["report_files"] = write_report(folder, summary)
         audit.finish_run(target, run_id, "success", summary)
         lease.release(target, run_id)
+        self.log.info(
+            "backup retention (keep %s, %s days): %s %s folders (%s bytes), %s could not be deleted; "
+            "covering backup %s",
+            settings.backup_keep,
+            settings.backup_keep_days,
+            "deleted" if retention["applied"] else "would delete (dry run)",
+            len(retention["deleted"]),
+            retention["freed_bytes"],
+            len(retention["failed"]),
+            retention["covering_backup"],
+        )
         self.log.info(
             "run %s: %s source rows, %s migrated, %s rejected %s, %s fixed fields; report at %s",
             run_id,

@@ -41,6 +41,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
         f"- partitions: {summary['partitions_done']}/{summary['partitions']} done "
         f"({summary['partition_attempts']} attempts)",
         f"- backup: {summary['backup_path']}",
+        f"- backup covering this run: {summary.get('covering_backup') or 'none that verifies'}",
         f"- time taken: {summary['seconds']} s",
         "",
         "## Rejected rows by reason",
@@ -67,6 +68,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
         ]
     else:
         lines.append("none")
+    lines += ["", "## Backup retention", ""]
+    lines += render_retention(summary.get("retention"))
     lines += [
         "",
         "## Where the rows are",
@@ -80,6 +83,36 @@ def render_markdown(summary: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def render_retention(retention: dict[str, Any] | None) -> list[str]:
+    """The retention section: what was (or, on a dry run, would be) deleted and why, what is pinned."""
+    if not retention:
+        return ["not run"]
+    policy = retention["policy"]
+    verb = "deleted" if retention["applied"] else "would delete (dry run: nothing deleted)"
+    lines = [
+        f"Policy: keep the newest {policy['keep']} backups and every backup younger than "
+        f"{policy['keep_days']} days, in {retention['root']}; pinned backups and the newest complete one "
+        "are never deleted.",
+        "",
+    ]
+    if retention["deleted"]:
+        lines += [f"{verb}:", "", "| folder | run | reason | bytes |", "| --- | --- | --- | ---: |"]
+        lines += [
+            f"| {d['folder']} | {d['run_id'] or ''} | {d['reason']} | {d['bytes'] if d['bytes'] is not None else ''} |"
+            for d in retention["deleted"]
+        ]
+    else:
+        lines.append(f"{verb}: nothing")
+    for failed in retention["failed"]:
+        lines.append(f"- could not delete {failed['folder']}: {failed['error']} (tried again next pass)")
+    for skipped in retention["skipped"]:
+        lines.append(f"- left alone: {skipped['folder']}: {skipped['reason']}")
+    lines.append("")
+    lines += [f"- pinned: {p['folder']} ({p['reason']})" for p in retention["pinned"]]
+    lines += [f"- kept, {reason}: {n}" for reason, n in retention["kept_by_reason"].items()]
+    return lines
 
 
 def write_report(folder: Path, summary: dict[str, Any]) -> dict[str, str]:

@@ -237,3 +237,15 @@ ALTER TABLE migration_audit.cutovers ADD CONSTRAINT cutovers_state_check
 DROP INDEX IF EXISTS migration_audit.cutovers_one_active;
 CREATE UNIQUE INDEX IF NOT EXISTS cutovers_one_live ON migration_audit.cutovers ((true))
     WHERE state IN ('switching', 'active');
+
+-- Backup folders deleted by the retention policy (retention.py): which, whose, why, by which run.
+-- Folder names derive from run ids; no personal data here.
+CREATE TABLE IF NOT EXISTS migration_audit.backup_deletions (
+    id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    run_id         text NOT NULL,
+    folder         text NOT NULL,
+    backup_run_id  text NULL,
+    reason         text NOT NULL,
+    bytes          bigint NULL,
+    deleted_at     timestamptz NOT NULL DEFAULT now()
+);
