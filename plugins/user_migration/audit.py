@@ -137,6 +137,17 @@ def finish_run(conn: psycopg.Connection, run_id: str, state: str, summary: dict[
         )
 
 
+def run_params(conn: psycopg.Connection, run_id: str) -> dict[str, Any]:
+    """The settings ``run_id`` ran with (Settings.public()), as its backup task recorded them."""
+    row = conn.execute("SELECT params FROM migration_audit.runs WHERE run_id = %s", (run_id,)).fetchone()
+    if row is None:
+        raise LookupError(
+            f"run '{run_id}' is not in migration_audit.runs, so the settings it ran with are unknown; "
+            "roll back from the target database that run wrote to"
+        )
+    return row[0]
+
+
 def run_started_at(conn: psycopg.Connection, run_id: str) -> dt.datetime | None:
     row = conn.execute("SELECT started_at FROM migration_audit.runs WHERE run_id = %s", (run_id,)).fetchone()
     return row[0] if row else None

@@ -12,6 +12,8 @@ Three paths:
 - delta merge (every later sync pass): a hash of each legacy row, computed in SQL and compared with
   migration_audit.source_state, finds the new, changed and deleted rows; only those, the rows
   rejected last time and the rows whose duplicate decision changed are read and transformed.
+  A range whose state was written under other transform settings (phone region, invalid-phone
+  rule, mapping) takes the full merge instead: every row is transformed again.
 Memory stays bounded by ``batch_size``: rows are read with server-side cursors.
 """
 
@@ -61,8 +63,10 @@ FIXES_COPY = "COPY migration_audit.field_fixes (run_id, source_id, field, origin
 STATE_COPY = "COPY stage_state (source_id, row_hash, outcome, fingerprint) FROM STDIN"
 # A first load writes the sync state straight into place; the merges stage it (they may revise it).
 STATE_LOAD_COPY = (
-    "COPY migration_audit.source_state (source_id, row_hash, outcome, fingerprint, run_id) FROM STDIN"
+    "COPY migration_audit.source_state (source_id, row_hash, outcome, fingerprint, run_id, transform_settings) "
+    "FROM STDIN"
 )
+TRANSFORM_CHANGED = "transform settings changed since the last pass: every row re-transformed"
 
 
 @dataclass
@@ -86,6 +90,8 @@ class PartitionResult:
     batches: int = 0
     seconds: float = 0.0
     path: str = ""
+    # Why a range with sync state took the full merge path instead of the delta.
+    full_because: str = ""
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -247,6 +253,7 @@ def _copy(
     result = PartitionResult(no, lo, hi)
     legacy_names = _legacy_names(settings)
     dry_run = settings.dry_run
+    transform_settings = settings.transform_fingerprint()
     select = sql.SQL("SELECT {}, {} AS row_hash FROM {}").format(
         legacy_select_list(mapping), row_hash_sql(mapping), users_table(mapping)
     )
@@ -281,6 +288,8 @@ def _copy(
                 (lo, hi),
             ).fetchone()[0]
             result.path = "delta" if has_state else "merge"
+            if has_state and _transform_changed(target, lo, hi, transform_settings):
+                result.path, result.full_because = "merge", TRANSFORM_CHANGED
         if result.path == "load":
             target.execute(
                 "DELETE FROM migration_audit.source_state WHERE source_id BETWEEN %s AND %s", (lo, hi)
@@ -334,7 +343,7 @@ def _copy(
                     batch = _transform_batch(rows, transformer, losers, legacy_names, run_id, now, result)
                     if result.path in ("merge", "delta"):
                         rejected_ids += batch.rejected_ids
-                    _write_batch(out, batch, users_copy, stamps, result.path, run_id)
+                    _write_batch(out, batch, users_copy, stamps, result.path, (run_id, transform_settings))
                     out.execute(
                         "INSERT INTO migration_audit.batches (run_id, partition_no, batch_no, first_id, last_id, "
                         "rows_in, rows_ok, rejected, seconds) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
@@ -362,7 +371,7 @@ def _copy(
             elif result.path == "load":
                 result.inserted = result.migrated
             if result.path in ("merge", "delta"):
-                _save_state(target, result.path, lo, hi, deleted, run_id)
+                _save_state(target, result.path, lo, hi, deleted, run_id, transform_settings)
 
             for key, link in (("groups", mapping.groups), ("permissions", mapping.permissions)):
                 if link is not None:
@@ -383,6 +392,15 @@ def _copy(
             {**result.as_dict(), "run_id": run_id},
         )
     return result
+
+
+def _transform_changed(target: psycopg.Connection, lo: int, hi: int, transform_settings: int) -> bool:
+    """Whether any state row of ids lo..hi was written under other transform settings than these."""
+    return target.execute(
+        "SELECT EXISTS (SELECT 1 FROM migration_audit.source_state WHERE source_id BETWEEN %s AND %s "
+        "AND transform_settings IS DISTINCT FROM %s)",
+        (lo, hi, transform_settings),
+    ).fetchone()[0]
 
 
 def _losers(target: psycopg.Connection, run_id: str, lo: int, hi: int) -> dict[int, tuple[str, int]]:
@@ -512,8 +530,14 @@ def _transform_batch(
 
 
 def _write_batch(
-    out: psycopg.Cursor, batch: _Batch, users_copy: sql.Composed | None, stamps: tuple, path: str, run_id: str
+    out: psycopg.Cursor,
+    batch: _Batch,
+    users_copy: sql.Composed | None,
+    stamps: tuple,
+    path: str,
+    state_tail: tuple[str, int],
 ) -> None:
+    """COPY one batch out; ``state_tail`` is (run_id, transform settings) of a first load's state rows."""
     if users_copy is not None and batch.good:
         with out.copy(users_copy) as copy:
             for user in batch.good:
@@ -526,7 +550,7 @@ def _write_batch(
     if path == "load" and batch.state:
         with out.copy(STATE_LOAD_COPY) as copy:
             for item in batch.state:
-                copy.write_row((*item, run_id))
+                copy.write_row((*item, *state_tail))
     elif path != "dry_run" and batch.state:
         with out.copy(STATE_COPY) as copy:
             for item in batch.state:
@@ -642,7 +666,13 @@ def _settle_conflicts(
 
 
 def _save_state(
-    target: psycopg.Connection, path: str, lo: int, hi: int, deleted: list[int], run_id: str
+    target: psycopg.Connection,
+    path: str,
+    lo: int,
+    hi: int,
+    deleted: list[int],
+    run_id: str,
+    transform_settings: int,
 ) -> None:
     """Record what this pass saw of each legacy row of the range (for the next pass's delta)."""
     if path == "delta":
@@ -650,11 +680,12 @@ def _save_state(
     else:
         target.execute("DELETE FROM migration_audit.source_state WHERE source_id BETWEEN %s AND %s", (lo, hi))
     target.execute(
-        "INSERT INTO migration_audit.source_state (source_id, row_hash, outcome, fingerprint, run_id) "
-        "SELECT source_id, row_hash, outcome, fingerprint, %s FROM stage_state "
+        "INSERT INTO migration_audit.source_state (source_id, row_hash, outcome, fingerprint, run_id, "
+        "transform_settings) SELECT source_id, row_hash, outcome, fingerprint, %s, %s FROM stage_state "
         "ON CONFLICT (source_id) DO UPDATE SET row_hash = EXCLUDED.row_hash, outcome = EXCLUDED.outcome, "
-        "fingerprint = EXCLUDED.fingerprint, run_id = EXCLUDED.run_id",
-        (run_id,),
+        "fingerprint = EXCLUDED.fingerprint, run_id = EXCLUDED.run_id, "
+        "transform_settings = EXCLUDED.transform_settings",
+        (run_id, transform_settings),
     )
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from user_migration import audit
 from user_migration.backup import verify_backup
 from user_migration.config import FIELDS, Settings
 from user_migration.cutover import active_cutover, set_legacy_read_only
@@ -34,6 +35,18 @@ CARRIED_FIELDS = [f for f in FIELDS if f != "id"]
 
 
 BATCH = 10_000
+
+
+def cutover_settings(target: psycopg.Connection, cutover_run: str, settings: Settings) -> Settings:
+    """``settings`` with the transform settings and mapping of the cutover's run.
+
+    A row counts as changed since the cutover when it differs from its legacy row transformed as
+    that run transformed it; the rollback DAG's defaults (NP, fix) would see every phone changed.
+    """
+    try:
+        return settings.with_transform_of(audit.run_params(target, cutover_run))
+    except LookupError as exc:
+        raise MigrationError(str(exc)) from None
 
 
 def carry_back(
@@ -49,6 +62,7 @@ def carry_back(
     cut = active_cutover(target)
     if cut is None:
         raise MigrationError("there is no active cutover to roll back (migration_audit.cutovers)")
+    settings = cutover_settings(target, cut["run_id"], settings)
     same = legacy is target
     counts = {"inserted": 0, "updated": 0, "deleted": 0, "links_added": 0, "links_removed": 0}
     with legacy.transaction(), nullcontext() if same else target.transaction():

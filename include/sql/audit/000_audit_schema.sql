@@ -134,6 +134,10 @@ CREATE TABLE IF NOT EXISTS migration_audit.source_state (
     fingerprint  bigint NULL,
     run_id       text NOT NULL
 );
+-- Settings.transform_fingerprint() of the pass that wrote the row's state: a pass with other
+-- transform settings (phone region, invalid-phone rule, legacy mapping) re-transforms every row.
+-- NULL on installs from before the column: their next pass re-transforms once.
+ALTER TABLE migration_audit.source_state ADD COLUMN IF NOT EXISTS transform_settings bigint NULL;
 
 -- One writer at a time per target database: the run holding the lease; see lease.py.
 CREATE TABLE IF NOT EXISTS migration_audit.writer_lease (
