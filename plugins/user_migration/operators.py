@@ -271,7 +271,7 @@ class PartitionCopyOperator(_MigrationOperator):
             self.log.info("partition %s takes the full merge: %s", result.partition_no, result.full_because)
         self.log.info(
             "partition %s (ids %s..%s, %s path): %s rows in %s batches, %s migrated (%s new, %s updated, "
-            "%s unchanged), %s removed, %s rejected %s, %s fixes, %.1f s",
+            "%s unchanged), %s removed, %s rejected %s, %s fixes, %s drifted ids repaired, %.1f s",
             result.partition_no,
             result.lo,
             result.hi,
@@ -286,6 +286,7 @@ class PartitionCopyOperator(_MigrationOperator):
             result.rejected,
             result.rejected_by_reason,
             result.fixed,
+            result.drift_repaired,
             result.seconds,
         )
         return summary
@@ -363,6 +364,9 @@ class GreatExpectationsValidationOperator(_MigrationOperator):
         )
         if not settings.dry_run:
             from user_migration.validation import validate_target
+
+            drift = audit.sync_drift(target)
+            check("no_sync_drift", not any(drift.values()), drift, audit.drift_message(drift))
 
             started = time.perf_counter()
             for outcome in validate_target(

@@ -13,7 +13,9 @@ Three paths:
   migration_audit.source_state, finds the new, changed and deleted rows; only those, the rows
   rejected last time and the rows whose duplicate decision changed are read and transformed.
   A range whose state was written under other transform settings (phone region, invalid-phone
-  rule, mapping) takes the full merge instead: every row is transformed again.
+  rule, mapping) takes the full merge instead: every row is transformed again. Ids where the
+  state and the target disagree (drift: a target row deleted by hand, a displaced holder, a row
+  the state does not know) are re-processed too, so drift is repaired rather than stuck.
 Memory stays bounded by ``batch_size``: rows are read with server-side cursors.
 """
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -82,6 +84,8 @@ class PartitionResult:
     unchanged: int = 0
     removed: int = 0
     displaced: int = 0
+    # Ids whose sync state and target row disagreed (find_drift.sql), re-processed by this pass.
+    drift_repaired: int = 0
     rejected: int = 0
     fixed: int = 0
     links_in: int = 0
@@ -325,8 +329,13 @@ def _copy(
             deleted: list[int] = []
             if result.path == "delta":
                 range_losers = _losers(target, run_id, lo, hi)
-                process, deleted, skipped, rows_in = _delta(source, target, mapping, lo, hi, range_losers)
+                drift = _drift(target, lo, hi)
+                process, deleted, skipped, rows_in = _delta(
+                    source, target, mapping, lo, hi, range_losers.keys() | drift
+                )
                 del range_losers
+                deleted += _target_only(drift, process, deleted)
+                result.drift_repaired = len(drift)
                 result.rows_in = rows_in
                 result.unchanged = skipped
                 batches = _rows_by_id(source, select, id_column, process, settings.batch_size)
@@ -386,6 +395,7 @@ def _copy(
                 state = 'done', rows_in = %(rows_in)s, transformed = %(read)s, inserted = %(inserted)s, updated = %(updated)s,
                 unchanged = %(unchanged)s, removed = %(removed)s, displaced = %(displaced)s,
                 rejected = %(rejected)s, fixed = %(fixed)s, links_in = %(links_in)s,
+                drift_repaired = %(drift_repaired)s,
                 finished_at = clock_timestamp(), seconds = %(seconds)s, error = NULL
             WHERE run_id = %(run_id)s AND partition_no = %(partition_no)s
             """,
@@ -401,6 +411,18 @@ def _transform_changed(target: psycopg.Connection, lo: int, hi: int, transform_s
         "AND transform_settings IS DISTINCT FROM %s)",
         (lo, hi, transform_settings),
     ).fetchone()[0]
+
+
+def _drift(target: psycopg.Connection, lo: int, hi: int) -> set[int]:
+    """Ids of lo..hi whose sync state and target row disagree: the delta re-processes them."""
+    return {row[0] for row in target.execute(read_sql("copy/find_drift.sql"), {"lo": lo, "hi": hi})}
+
+
+def _target_only(drift: set[int], process: list[int], deleted: list[int]) -> list[int]:
+    """Drifted ids with neither a legacy row nor a state row: target rows of no user, to remove."""
+    if not drift:
+        return []
+    return sorted(drift - set(process) - set(deleted))
 
 
 def _losers(target: psycopg.Connection, run_id: str, lo: int, hi: int) -> dict[int, tuple[str, int]]:
@@ -448,11 +470,12 @@ def _delta(
     mapping: LegacyMapping,
     lo: int,
     hi: int,
-    losers: dict[int, tuple[str, int]],
+    reread: Container[int],
 ) -> tuple[list[int], list[int], int, int]:
     """(ids to read and transform, ids deleted from the legacy table, unchanged rows, legacy rows in range).
 
     A merge join of two id-ordered streams: the legacy rows' hashes, and the last pass's state.
+    Ids in ``reread`` (duplicate decisions, drift) are read even when their hash did not change.
     """
     id_column = sql.Identifier(mapping.column("id"))
     query = sql.SQL("SELECT {}, {} FROM {} WHERE {} BETWEEN %s AND %s ORDER BY {}").format(
@@ -483,7 +506,7 @@ def _delta(
                 right = next(state, None)
             else:
                 rows_in += 1
-                if bytes(left[1]) != bytes(right[1]) or right[2] == "R" or left[0] in losers:
+                if bytes(left[1]) != bytes(right[1]) or right[2] == "R" or left[0] in reread:
                     process.append(left[0])
                 else:
                     skipped += 1

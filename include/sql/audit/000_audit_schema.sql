@@ -79,6 +79,9 @@ CREATE TABLE IF NOT EXISTS migration_audit.partitions (
     error         text NULL,
     PRIMARY KEY (run_id, partition_no)
 );
+-- Ids whose sync state and target row disagreed and that the partition re-processed (see
+-- include/sql/copy/find_drift.sql).
+ALTER TABLE migration_audit.partitions ADD COLUMN IF NOT EXISTS drift_repaired bigint NULL;
 
 CREATE TABLE IF NOT EXISTS migration_audit.batches (
     run_id        text NOT NULL,
