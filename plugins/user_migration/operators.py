@@ -271,7 +271,8 @@ class PartitionCopyOperator(_MigrationOperator):
             self.log.info("partition %s takes the full merge: %s", result.partition_no, result.full_because)
         self.log.info(
             "partition %s (ids %s..%s, %s path): %s rows in %s batches, %s migrated (%s new, %s updated, "
-            "%s unchanged), %s removed, %s rejected %s, %s fixes, %s drifted ids repaired, %.1f s",
+            "%s unchanged), %s removed, %s key holders updated in place, %s rejected %s, %s fixes, "
+            "%s drifted ids repaired, %.1f s",
             result.partition_no,
             result.lo,
             result.hi,
@@ -283,6 +284,7 @@ class PartitionCopyOperator(_MigrationOperator):
             result.updated,
             result.unchanged,
             result.removed,
+            result.holders_updated,
             result.rejected,
             result.rejected_by_reason,
             result.fixed,

@@ -84,6 +84,8 @@ class PartitionResult:
     unchanged: int = 0
     removed: int = 0
     displaced: int = 0
+    # Stale key holders still valid under another key, given their current values in place.
+    holders_updated: int = 0
     # Ids whose sync state and target row disagreed (find_drift.sql), re-processed by this pass.
     drift_repaired: int = 0
     rejected: int = 0
@@ -647,12 +649,17 @@ def _settle_conflicts(
         legacy_select_list(mapping), users_table(mapping), sql.Identifier(mapping.column("id"))
     )
     still_valid: dict[int, tuple[str, str]] = {}
+    valid_users: dict[int, NewUser] = {}
     for values in source.execute(select, (holders,)).fetchall():
         user, _, _ = transformer.transform(LegacyRow(*values))
         if user is not None and user.id not in holder_losers:
             still_valid[user.id] = (email_key(user.email), user.username)
+            valid_users[user.id] = user
     stale = [h for h in holders if still_valid.get(h) != current.get(h)]
     if stale:
+        # Still-valid holders move out of the way in place; the rest (and any that cannot) leave.
+        moving = [valid_users[h] for h in stale if h in valid_users]
+        result.holders_updated = _update_in_place(target, moving, now)
         result.displaced = target.execute(
             read_sql("copy/displace_stale_holders.sql"), {"ids": stale}
         ).rowcount
@@ -686,6 +693,30 @@ def _settle_conflicts(
             copy.write_row((run_id, values[0], reason, detail, source_row, now))
             result.migrated -= 1
             result.count_reject(reason)
+
+
+def _update_in_place(target: psycopg.Connection, users: list[NewUser], now: dt.datetime) -> int:
+    """Stale holders still valid under another key take their current values in place; returns how many.
+
+    Deleting them would take what lives only in the target (profile, addresses, activity,
+    notifications: ON DELETE CASCADE) with them. One whose new key another holder still has is tried
+    again once that one moved; one whose key stays taken (a swap, a staged user) is displaced.
+    """
+    updated, pending = 0, users
+    while pending:
+        refused = []
+        for user in pending:
+            try:
+                with target.transaction():  # a savepoint: a refused update leaves the rest intact
+                    updated += target.execute(
+                        read_sql("copy/update_stale_holder.sql"), {**user._asdict(), "now": now}
+                    ).rowcount
+            except psycopg.errors.UniqueViolation:
+                refused.append(user)
+        if len(refused) == len(pending):
+            break
+        pending = refused
+    return updated
 
 
 def _save_state(
