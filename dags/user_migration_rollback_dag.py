@@ -24,6 +24,9 @@ Triggered by hand; type `ROLLBACK` in **confirm**.
   every file matches the sha256 in its manifest. Files are staged in temp tables, then only the rows
   that differ are deleted, updated or inserted, in one transaction; it refuses, changing nothing,
   when rows of other tables point at users the backup lacks.
+
+While a cutover is active, both use the settings its run recorded in `migration_audit.runs.params`
+(legacy mapping, phone_region, invalid_phone), not this DAG's defaults.
 """,
     schedule=None,
     start_date=dt.datetime(2025, 1, 1, tzinfo=dt.UTC),
@@ -46,7 +49,14 @@ Triggered by hand; type `ROLLBACK` in **confirm**.
             type="string",
             description="restore only: the run id whose backup folder under USER_MIGRATION_BACKUP_DIR to reload.",
         ),
-        "legacy_mapping": Param({}, type="object", description="The same legacy_mapping the migration used."),
+        "legacy_mapping": Param(
+            {},
+            type="object",
+            description=(
+                "Leave empty after a cutover: the rollback uses the mapping, phone_region and invalid_phone "
+                "the cutover's run recorded. Without a cutover (restore only): the legacy_mapping the migration used."
+            ),
+        ),
         "legacy_conn_id": Param(
             "legacy_db", type="string", description="Airflow connection of the legacy database."
         ),

@@ -31,7 +31,8 @@ def run_stages(
     as_of: dt.date | None = None,
     partition_order: list[int] | None = None,
 ) -> dict[str, Any]:
-    """backup, ddl, plan, copy (every partition, in ``partition_order``), profiles; returns reconcile()."""
+    """backup, ddl, plan, copy (every partition, in ``partition_order``), profiles; returns reconcile()
+    with the backup folder, the plan's partitions and each copied partition's result."""
     as_of = as_of or dt.date.today()
     with (
         psycopg.connect(legacy_dsn, autocommit=True) as legacy,
@@ -47,13 +48,13 @@ def run_stages(
         plan = make_plan(legacy, target, settings, run_id, as_of)
         partitions = plan["partitions"]
         order = partition_order if partition_order is not None else range(len(partitions))
-        for index in order:
-            copy_partition(legacy, target, settings, run_id, partitions[index])
+        copied = [copy_partition(legacy, target, settings, run_id, partitions[index]) for index in order]
         if not settings.dry_run:
             finalize_target(legacy, target, settings, run_id)
         result = audit.reconcile(target, run_id)
         result["backup_folder"] = backup.folder
         result["partition_list"] = partitions
+        result["partition_results"] = [r.as_dict() for r in copied]
         return result
 
 

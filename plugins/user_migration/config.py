@@ -8,6 +8,8 @@ deep inside a task. No Airflow import: the benchmark and the tests use this modu
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -265,6 +267,52 @@ class Settings:
         data = asdict(self)
         data["mapping"] = self.mapping.as_dict()
         return data
+
+    def transform_fingerprint(self) -> int:
+        """64 bits naming the settings that decide what a legacy row becomes.
+
+        Stored with each row's sync state, so a pass with other settings re-transforms every row
+        instead of only the rows that changed. Links are re-read in full every pass: not included.
+        """
+        mapping = self.mapping
+        text = json.dumps(
+            {
+                "phone_region": self.phone_region,
+                "invalid_phone": self.invalid_phone,
+                "schema": mapping.schema,
+                "users_table": mapping.users_table,
+                "columns": mapping.columns,
+            },
+            sort_keys=True,
+        )
+        return int.from_bytes(hashlib.md5(text.encode()).digest()[:8], "big", signed=True)
+
+    def with_transform_of(self, recorded: dict[str, Any]) -> Settings:
+        """These settings with another run's transform settings (its recorded ``public()``).
+
+        The rollback compares and writes legacy rows as the cutover's run transformed them, whatever
+        the rollback DAG's own defaults say.
+        """
+        try:
+            raw = recorded["mapping"]
+            mapping = LegacyMapping(
+                schema=raw["schema"],
+                users_table=raw["users_table"],
+                columns=dict(raw["columns"]),
+                groups=LinkTable(**raw["groups"]) if raw.get("groups") else None,
+                permissions=LinkTable(**raw["permissions"]) if raw.get("permissions") else None,
+            )
+            return dataclasses.replace(
+                self,
+                phone_region=recorded["phone_region"],
+                invalid_phone=recorded["invalid_phone"],
+                mapping=mapping,
+            )
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(
+                f"the recorded run settings lack {exc}; they come from migration_audit.runs.params, "
+                "written by the run's backup task: re-run that pass before rolling back"
+            ) from None
 
 
 def backup_root() -> Path:

@@ -198,6 +198,15 @@ def _check_ready(job: _Job) -> None:
             f"cutover refused: already cut over by run '{current['run_id']}' at {current['cut_at']}; "
             "roll it back with the user_migration_rollback DAG first"
         )
+    if target.execute(
+        "SELECT EXISTS (SELECT 1 FROM migration_audit.source_state WHERE transform_settings IS DISTINCT FROM %s)",
+        (job.settings.transform_fingerprint(),),
+    ).fetchone()[0]:
+        raise CutoverRefused(
+            "cutover refused: the last pass transformed rows under other settings (phone_region, invalid_phone "
+            "or legacy_mapping) than this run's, and the final sync would mix the two. Run a pass with these "
+            "settings first, then cut over"
+        )
     trusted, reason = capture.trust(target)
     status = capture.status(job.legacy, job.settings.mapping)
     if not (trusted and status.installed and not status.truncated):

@@ -33,6 +33,12 @@ POOL = "user_migration_db"
 BACKFILL_LEASE_WAIT = dt.timedelta(hours=24)
 
 
+def pass_date() -> dt.date:
+    """The date a pass runs on (UTC), for the date-of-birth rule: never the logical date, which a
+    backfill sets in the past, so users born since would be rejected as born in the future."""
+    return dt.datetime.now(dt.UTC).date()
+
+
 class WaitingForLease(AirflowRescheduleException):
     """Try the task again at ``reschedule_date``; ``reason`` goes to the audit trail."""
 
@@ -245,10 +251,8 @@ class MigrationPlanOperator(_MigrationOperator):
     def run(self, context, settings, target):
         from user_migration.plan import make_plan
 
-        dag_run = context["dag_run"]
-        as_of = (context.get("logical_date") or dag_run.run_after or dt.datetime.now(dt.UTC)).date()
         with self.legacy() as legacy:
-            plan = make_plan(legacy, target, settings, context["run_id"], as_of)
+            plan = make_plan(legacy, target, settings, context["run_id"], pass_date())
         self.log.info(
             "plan: %s source rows, %s partitions, %s duplicates",
             plan["source_rows"],
@@ -275,9 +279,12 @@ class PartitionCopyOperator(_MigrationOperator):
                 legacy, target, settings, context["run_id"], self.partition, lease_run_id=context["run_id"]
             )
         summary = result.as_dict()
+        if result.full_because:
+            self.log.info("partition %s takes the full merge: %s", result.partition_no, result.full_because)
         self.log.info(
             "partition %s (ids %s..%s, %s path): %s rows in %s batches, %s migrated (%s new, %s updated, "
-            "%s unchanged), %s removed, %s rejected %s, %s fixes, %.1f s",
+            "%s unchanged), %s removed, %s key holders updated in place, %s rejected %s, %s fixes, "
+            "%s drifted ids repaired, %.1f s",
             result.partition_no,
             result.lo,
             result.hi,
@@ -289,9 +296,11 @@ class PartitionCopyOperator(_MigrationOperator):
             result.updated,
             result.unchanged,
             result.removed,
+            result.holders_updated,
             result.rejected,
             result.rejected_by_reason,
             result.fixed,
+            result.drift_repaired,
             result.seconds,
         )
         return summary
@@ -358,6 +367,9 @@ class GreatExpectationsValidationOperator(_MigrationOperator):
         )
         if not settings.dry_run:
             from user_migration.validation import validate_target
+
+            drift = audit.sync_drift(target)
+            check("no_sync_drift", not any(drift.values()), drift, audit.drift_message(drift))
 
             started = time.perf_counter()
             for outcome in validate_target(
@@ -471,7 +483,7 @@ class CutoverOperator(_MigrationOperator):
             self.log.info("cutover not requested (Param cutover=false): the legacy tables stay in use")
             return {"requested": False}
         dag_run = context["dag_run"]
-        as_of = (context.get("logical_date") or dag_run.run_after).date()
+        as_of = pass_date()
         cut_by = dag_run.triggering_user_name or f"{dag_run.run_type} run"
         options = CutoverOptions(
             lock_timeout_ms=settings.lock_timeout_ms,
@@ -503,11 +515,22 @@ class RollbackOperator(_MigrationOperator):
     def run(self, context, settings, target):
         from user_migration import capture
         from user_migration.backup import run_folder_name
-        from user_migration.rollback import carry_back, restore
+        from user_migration.cutover import active_cutover
+        from user_migration.rollback import carry_back, cutover_settings, restore
 
         params = context["params"]
         if params.get("confirm") != "ROLLBACK":
             raise ConfigError("type ROLLBACK in the confirm Param to roll back; nothing was changed")
+        cut = active_cutover(target)
+        if cut is not None:
+            # The cutover's run decides how rows were transformed and where the legacy tables are.
+            recorded = cutover_settings(target, cut["run_id"], settings)
+            if params.get("legacy_mapping") and recorded.mapping != settings.mapping:
+                raise ConfigError(
+                    f"legacy_mapping differs from the mapping of cutover run '{cut['run_id']}'; leave it "
+                    "empty, the rollback uses that run's mapping; nothing was changed"
+                )
+            settings = recorded
         action = params.get("action")
         dag_run = context["dag_run"]
         by = dag_run.triggering_user_name or f"{dag_run.run_type} run"

@@ -12,6 +12,10 @@ Three paths:
 - delta merge (every later sync pass): a hash of each legacy row, computed in SQL and compared with
   migration_audit.source_state, finds the new, changed and deleted rows; only those, the rows
   rejected last time and the rows whose duplicate decision changed are read and transformed.
+  A range whose state was written under other transform settings (phone region, invalid-phone
+  rule, mapping) takes the full merge instead: every row is transformed again. Ids where the
+  state and the target disagree (drift: a target row deleted by hand, a displaced holder, a row
+  the state does not know) are re-processed too, so drift is repaired rather than stuck.
 Memory stays bounded by ``batch_size``: rows are read with server-side cursors.
 """
 
@@ -20,7 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Container, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -64,7 +68,11 @@ REJECTED_COPY = "COPY migration_audit.rejected_rows (run_id, source_id, reason, 
 FIXES_COPY = "COPY migration_audit.field_fixes (run_id, source_id, field, original_value, new_value, reason) FROM STDIN"
 STATE_COPY = "COPY stage_state (source_id, row_hash, outcome, fingerprint, kept_id) FROM STDIN"
 # A first load writes the sync state straight into place; the merges stage it (they may revise it).
-STATE_LOAD_COPY = "COPY migration_audit.source_state (source_id, row_hash, outcome, fingerprint, kept_id, run_id) FROM STDIN"
+STATE_LOAD_COPY = (
+    "COPY migration_audit.source_state (source_id, row_hash, outcome, fingerprint, kept_id, run_id, "
+    "transform_settings) FROM STDIN"
+)
+TRANSFORM_CHANGED = "transform settings changed since the last pass: every row re-transformed"
 
 
 @dataclass
@@ -80,6 +88,10 @@ class PartitionResult:
     unchanged: int = 0
     removed: int = 0
     displaced: int = 0
+    # Stale key holders still valid under another key, given their current values in place.
+    holders_updated: int = 0
+    # Ids whose sync state and target row disagreed (find_drift.sql), re-processed by this pass.
+    drift_repaired: int = 0
     rejected: int = 0
     fixed: int = 0
     links_in: int = 0
@@ -88,6 +100,8 @@ class PartitionResult:
     batches: int = 0
     seconds: float = 0.0
     path: str = ""
+    # Why a range with sync state took the full merge path instead of the delta.
+    full_because: str = ""
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     # Change-log entries read in the partition's snapshot: deleted once the target has committed.
     consumed: list[int] = field(default_factory=list, repr=False)
@@ -279,6 +293,7 @@ def _copy(
     result = PartitionResult(no, lo, hi)
     legacy_names = _legacy_names(settings)
     dry_run = settings.dry_run
+    transform_settings = settings.transform_fingerprint()
     select = sql.SQL("SELECT {}, {} AS row_hash FROM {}").format(
         legacy_select_list(mapping), row_hash_sql(mapping), users_table(mapping)
     )
@@ -318,6 +333,8 @@ def _copy(
                 result.path = "log"
             else:
                 result.path = "delta" if has_state else "merge"
+            if result.path in ("log", "delta") and _transform_changed(target, lo, hi, transform_settings):
+                result.path, result.full_because = "merge", TRANSFORM_CHANGED
         if result.path == "load":
             target.execute(
                 "DELETE FROM migration_audit.source_state WHERE source_id BETWEEN %s AND %s", (lo, hi)
@@ -359,14 +376,22 @@ def _copy(
                 result.consumed, log_ids = capture.entries_in_range(source, mapping, lo, hi)
             if result.path == "delta":
                 range_losers = _losers(target, run_id, lo, hi)
-                process, deleted, skipped, rows_in = _delta(source, target, mapping, lo, hi, range_losers)
+                drift = _drift(target, lo, hi)
+                process, deleted, skipped, rows_in = _delta(
+                    source, target, mapping, lo, hi, range_losers.keys() | drift
+                )
                 del range_losers
+                deleted += _target_only(drift, process, deleted)
+                result.drift_repaired = len(drift)
                 result.rows_in = rows_in
                 result.unchanged = skipped
             elif result.path == "log":
+                drift = _drift(target, lo, hi)
                 process, deleted, rows_in = _from_log(
-                    source, target, mapping, lo, hi, log_ids, _losers(target, run_id, lo, hi)
+                    source, target, mapping, (lo, hi), log_ids, _losers(target, run_id, lo, hi).keys() | drift
                 )
+                deleted += _target_only(drift, process, deleted)
+                result.drift_repaired = len(drift)
                 result.rows_in, result.unchanged = rows_in, rows_in - len(process)
             elif result.path == "changes":
                 process, deleted = _split_changes(source, target, mapping, partition["ids"])
@@ -389,7 +414,7 @@ def _copy(
                     )
                     if result.path in MERGING:
                         rejected_ids += batch.rejected_ids
-                    _write_batch(out, batch, users_copy, stamps, result.path, run_id)
+                    _write_batch(out, batch, users_copy, stamps, result.path, (run_id, transform_settings))
                     out.execute(
                         "INSERT INTO migration_audit.batches (run_id, partition_no, batch_no, first_id, last_id, "
                         "rows_in, rows_ok, rejected, seconds) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
@@ -417,7 +442,7 @@ def _copy(
             elif result.path == "load":
                 result.inserted = result.migrated
             if result.path in MERGING:
-                _save_state(target, result.path, lo, hi, deleted, run_id)
+                _save_state(target, result.path, lo, hi, deleted, run_id, transform_settings)
             # The log and change paths touch the links of the users they processed; the others the range's.
             scope = None if process is None or result.path == "delta" else sorted({*process, *deleted})
 
@@ -441,12 +466,34 @@ def _copy(
                 state = 'done', rows_in = %(rows_in)s, transformed = %(read)s, inserted = %(inserted)s, updated = %(updated)s,
                 unchanged = %(unchanged)s, removed = %(removed)s, displaced = %(displaced)s,
                 rejected = %(rejected)s, fixed = %(fixed)s, links_in = %(links_in)s,
+                drift_repaired = %(drift_repaired)s,
                 finished_at = clock_timestamp(), seconds = %(seconds)s, error = NULL
             WHERE run_id = %(run_id)s AND partition_no = %(partition_no)s
             """,
             {**result.as_dict(), "run_id": run_id},
         )
     return result
+
+
+def _transform_changed(target: psycopg.Connection, lo: int, hi: int, transform_settings: int) -> bool:
+    """Whether any state row of ids lo..hi was written under other transform settings than these."""
+    return target.execute(
+        "SELECT EXISTS (SELECT 1 FROM migration_audit.source_state WHERE source_id BETWEEN %s AND %s "
+        "AND transform_settings IS DISTINCT FROM %s)",
+        (lo, hi, transform_settings),
+    ).fetchone()[0]
+
+
+def _drift(target: psycopg.Connection, lo: int, hi: int) -> set[int]:
+    """Ids of lo..hi whose sync state and target row disagree: the delta re-processes them."""
+    return {row[0] for row in target.execute(read_sql("copy/find_drift.sql"), {"lo": lo, "hi": hi})}
+
+
+def _target_only(drift: set[int], process: list[int], deleted: list[int]) -> list[int]:
+    """Drifted ids with neither a legacy row nor a state row: target rows of no user, to remove."""
+    if not drift:
+        return []
+    return sorted(drift - set(process) - set(deleted))
 
 
 def _losers(target: psycopg.Connection, run_id: str, lo: int, hi: int) -> dict[int, tuple[str, int]]:
@@ -494,11 +541,12 @@ def _delta(
     mapping: LegacyMapping,
     lo: int,
     hi: int,
-    losers: dict[int, tuple[str, int]],
+    reread: Container[int],
 ) -> tuple[list[int], list[int], int, int]:
     """(ids to read and transform, ids deleted from the legacy table, unchanged rows, legacy rows in range).
 
     A merge join of two id-ordered streams: the legacy rows' hashes, and the last pass's state.
+    Ids in ``reread`` (duplicate decisions, drift) are read even when their hash did not change.
     """
     id_column = sql.Identifier(mapping.column("id"))
     query = sql.SQL("SELECT {}, {} FROM {} WHERE {} BETWEEN %s AND %s ORDER BY {}").format(
@@ -529,7 +577,7 @@ def _delta(
                 right = next(state, None)
             else:
                 rows_in += 1
-                if bytes(left[1]) != bytes(right[1]) or right[2] == "R" or left[0] in losers:
+                if bytes(left[1]) != bytes(right[1]) or right[2] == "R" or left[0] in reread:
                     process.append(left[0])
                 else:
                     skipped += 1
@@ -559,22 +607,23 @@ def _from_log(
     source: psycopg.Connection,
     target: psycopg.Connection,
     mapping: LegacyMapping,
-    lo: int,
-    hi: int,
+    bounds: tuple[int, int],
     log_ids: list[int],
-    losers: dict[int, tuple[str, int]],
+    reread: Iterable[int],
 ) -> tuple[list[int], list[int], int]:
     """(ids to read and transform, ids deleted from the legacy table, legacy rows in range).
 
     The same rows the hash comparison of _delta would pick, found without reading the unchanged
-    ones: those the change log names, the rows rejected last time and the plan's duplicate losers.
+    ones: those the change log names, the rows rejected last time, and ``reread`` (the plan's
+    duplicate losers, drift).
     """
+    lo, hi = bounds
     rejected = target.execute(
         "SELECT source_id FROM migration_audit.source_state "
         "WHERE outcome = 'R' AND source_id BETWEEN %s AND %s",
         (lo, hi),
     ).fetchall()
-    candidates = sorted({*log_ids, *(row[0] for row in rejected), *losers})
+    candidates = sorted({*log_ids, *(row[0] for row in rejected), *reread})
     present = _present(source, mapping, candidates)
     deleted = _known(target, [i for i in candidates if i not in present])
     id_column = sql.Identifier(mapping.column("id"))
@@ -645,8 +694,14 @@ def _transform_batch(
 
 
 def _write_batch(
-    out: psycopg.Cursor, batch: _Batch, users_copy: sql.Composed | None, stamps: tuple, path: str, run_id: str
+    out: psycopg.Cursor,
+    batch: _Batch,
+    users_copy: sql.Composed | None,
+    stamps: tuple,
+    path: str,
+    state_tail: tuple[str, int],
 ) -> None:
+    """COPY one batch out; ``state_tail`` is (run_id, transform settings) of a first load's state rows."""
     if users_copy is not None and batch.good:
         with out.copy(users_copy) as copy:
             for user in batch.good:
@@ -659,7 +714,7 @@ def _write_batch(
     if path == "load" and batch.state:
         with out.copy(STATE_LOAD_COPY) as copy:
             for item in batch.state:
-                copy.write_row((*item, run_id))
+                copy.write_row((*item, *state_tail))
     elif path != "dry_run" and batch.state:
         with out.copy(STATE_COPY) as copy:
             for item in batch.state:
@@ -733,12 +788,17 @@ def _settle_conflicts(
         legacy_select_list(mapping), users_table(mapping), sql.Identifier(mapping.column("id"))
     )
     still_valid: dict[int, tuple[str, str]] = {}
+    valid_users: dict[int, NewUser] = {}
     for values in source.execute(select, (holders,)).fetchall():
         user, _, _ = transformer.transform(LegacyRow(*values))
         if user is not None and user.id not in holder_losers:
             still_valid[user.id] = (email_key(user.email), user.username)
+            valid_users[user.id] = user
     stale = [h for h in holders if still_valid.get(h) != current.get(h)]
     if stale:
+        # Still-valid holders move out of the way in place; the rest (and any that cannot) leave.
+        moving = [valid_users[h] for h in stale if h in valid_users]
+        result.holders_updated = _update_in_place(target, moving, now)
         result.displaced = target.execute(
             read_sql("copy/displace_stale_holders.sql"), {"ids": stale}
         ).rowcount
@@ -777,8 +837,38 @@ def _settle_conflicts(
             result.count_reject(reason)
 
 
+def _update_in_place(target: psycopg.Connection, users: list[NewUser], now: dt.datetime) -> int:
+    """Stale holders still valid under another key take their current values in place; returns how many.
+
+    Deleting them would take what lives only in the target (profile, addresses, activity,
+    notifications: ON DELETE CASCADE) with them. One whose new key another holder still has is tried
+    again once that one moved; one whose key stays taken (a swap, a staged user) is displaced.
+    """
+    updated, pending = 0, users
+    while pending:
+        refused = []
+        for user in pending:
+            try:
+                with target.transaction():  # a savepoint: a refused update leaves the rest intact
+                    updated += target.execute(
+                        read_sql("copy/update_stale_holder.sql"), {**user._asdict(), "now": now}
+                    ).rowcount
+            except psycopg.errors.UniqueViolation:
+                refused.append(user)
+        if len(refused) == len(pending):
+            break
+        pending = refused
+    return updated
+
+
 def _save_state(
-    target: psycopg.Connection, path: str, lo: int, hi: int, deleted: list[int], run_id: str
+    target: psycopg.Connection,
+    path: str,
+    lo: int,
+    hi: int,
+    deleted: list[int],
+    run_id: str,
+    transform_settings: int,
 ) -> None:
     """Record what this pass saw of each legacy row of the range (for the next pass's delta)."""
     if path in DELTAS:
@@ -786,11 +876,12 @@ def _save_state(
     else:
         target.execute("DELETE FROM migration_audit.source_state WHERE source_id BETWEEN %s AND %s", (lo, hi))
     target.execute(
-        "INSERT INTO migration_audit.source_state (source_id, row_hash, outcome, fingerprint, kept_id, run_id) "
-        "SELECT source_id, row_hash, outcome, fingerprint, kept_id, %s FROM stage_state "
+        "INSERT INTO migration_audit.source_state (source_id, row_hash, outcome, fingerprint, kept_id, run_id, "
+        "transform_settings) SELECT source_id, row_hash, outcome, fingerprint, kept_id, %s, %s FROM stage_state "
         "ON CONFLICT (source_id) DO UPDATE SET row_hash = EXCLUDED.row_hash, outcome = EXCLUDED.outcome, "
-        "fingerprint = EXCLUDED.fingerprint, kept_id = EXCLUDED.kept_id, run_id = EXCLUDED.run_id",
-        (run_id,),
+        "fingerprint = EXCLUDED.fingerprint, kept_id = EXCLUDED.kept_id, run_id = EXCLUDED.run_id, "
+        "transform_settings = EXCLUDED.transform_settings",
+        (run_id, transform_settings),
     )
 
 

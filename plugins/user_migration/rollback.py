@@ -27,6 +27,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from user_migration import audit
 from user_migration.backup import verify_backup
 from user_migration.config import FIELDS, Settings
 from user_migration.cutover import active_cutover, set_legacy_read_only
@@ -59,6 +60,18 @@ NEW_TABLES = (
 )
 
 
+def cutover_settings(target: psycopg.Connection, cutover_run: str, settings: Settings) -> Settings:
+    """``settings`` with the transform settings and mapping of the cutover's run.
+
+    A row counts as changed since the cutover when it differs from its legacy row transformed as
+    that run transformed it; the rollback DAG's defaults (NP, fix) would see every phone changed.
+    """
+    try:
+        return settings.with_transform_of(audit.run_params(target, cutover_run))
+    except LookupError as exc:
+        raise MigrationError(str(exc)) from None
+
+
 def carry_back(
     legacy: psycopg.Connection, target: psycopg.Connection, settings: Settings, by: str, rollback_run: str
 ) -> dict[str, Any]:
@@ -76,6 +89,7 @@ def carry_back(
     cut = active_cutover(target)
     if cut is None:
         raise MigrationError("there is no active cutover to roll back (migration_audit.cutovers)")
+    settings = cutover_settings(target, cut["run_id"], settings)
     same = legacy is target
     counts = {"inserted": 0, "updated": 0, "deleted": 0, "links_added": 0, "links_removed": 0}
     legacy_committed = resumed = False

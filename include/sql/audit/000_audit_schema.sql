@@ -86,6 +86,9 @@ CREATE TABLE IF NOT EXISTS migration_audit.partitions (
     error         text NULL,
     PRIMARY KEY (run_id, partition_no)
 );
+-- Ids whose sync state and target row disagreed and that the partition re-processed (see
+-- include/sql/copy/find_drift.sql).
+ALTER TABLE migration_audit.partitions ADD COLUMN IF NOT EXISTS drift_repaired bigint NULL;
 
 CREATE TABLE IF NOT EXISTS migration_audit.batches (
     run_id        text NOT NULL,
@@ -141,6 +144,10 @@ CREATE TABLE IF NOT EXISTS migration_audit.source_state (
     fingerprint  bigint NULL,
     run_id       text NOT NULL
 );
+-- Settings.transform_fingerprint() of the pass that wrote the row's state: a pass with other
+-- transform settings (phone region, invalid-phone rule, legacy mapping) re-transforms every row.
+-- NULL on installs from before the column: their next pass re-transforms once.
+ALTER TABLE migration_audit.source_state ADD COLUMN IF NOT EXISTS transform_settings bigint NULL;
 
 -- One writer at a time per target database: the run holding the lease; see lease.py. lock_run_id:
 -- the holder whose tasks hold the lease's advisory lock while they execute (a holder running older
