@@ -54,10 +54,10 @@ def test_a_pass_with_another_phone_region_retransforms_unchanged_rows(legacy, ba
             "SELECT DISTINCT transform_settings FROM migration_audit.source_state"
         ).fetchall() == [(IN.transform_fingerprint(),)]
 
-    # The next pass with the same settings is a delta again, and a scheduled run with the old
-    # region re-transforms every row back: whichever settings ran last hold for every row.
+    # The next pass with the same settings reads the change log again, and a scheduled run with the
+    # old region re-transforms every row back: whichever settings ran last hold for every row.
     third = run_stages(legacy, legacy, IN, "in-again", backup_dir)
-    assert {p["path"] for p in third["partition_results"]} == {"delta"}
+    assert {p["path"] for p in third["partition_results"]} == {"log"}
     assert (third["inserted"], third["updated"], third["removed"]) == (0, 0, 0)
     back = run_stages(legacy, legacy, NP, "np-again", backup_dir)
     assert {p["full_because"] for p in back["partition_results"]} == {TRANSFORM_CHANGED}
