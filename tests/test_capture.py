@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from pathlib import Path
 
 import fixture_users as fx
 import psycopg
@@ -225,3 +226,39 @@ def test_the_write_pause_does_not_grow_with_the_table(make_db, backup_dir, tmp_p
     assert pause < full_pass / 10, (pause, full_pass)
     assert stats["max_seconds"] < full_pass / 10, (stats["max_seconds"], full_pass)
     assert result["source_checksum"] == result["target_checksum"]
+
+
+def test_a_pass_after_nothing_changed_is_covered_by_the_last_backup(legacy, backup_dir):
+    """Issue 13: an hourly pass with nothing to do need not write another full backup."""
+    from user_migration import audit
+    from user_migration.backup import backup_covering
+
+    def finished_pass(run_id: str) -> None:
+        run_stages(legacy, legacy, SETTINGS, run_id, backup_dir)
+        with psycopg.connect(legacy, autocommit=True) as conn:
+            audit.finish_run(conn, run_id, "success", {})
+
+    def covering(run_id: str) -> str | None:
+        with psycopg.connect(legacy, autocommit=True) as conn:
+            return backup_covering(conn, conn, SETTINGS, run_id)
+
+    finished_pass("pass-1")  # the first load: it changed everything
+    assert covering("pass-2") is None
+    finished_pass("pass-2")  # nothing changed: the log was empty, its partitions consumed nothing
+    note = covering("pass-3")
+    assert note is not None and "run 'pass-2'" in note and "pass-2" in note.split(": ", 1)[1]
+    with psycopg.connect(legacy) as conn:  # the application writes: the log is no longer empty
+        # User 4 is rejected (invalid email): the pass changes nothing in the target for it, yet the
+        # legacy table changed, so only the consumed entry tells that the last backup is stale.
+        conn.execute("UPDATE account_user SET full_name = 'Changed Again' WHERE id = 4")
+    assert covering("pass-3") is None
+    finished_pass("pass-3")  # consumed that change: its backup may miss a change it applied
+    assert covering("pass-4") is None
+    finished_pass("pass-4")
+    assert "run 'pass-4'" in covering("pass-5")
+    with psycopg.connect(legacy) as conn:  # a damaged backup covers nothing
+        folder = conn.execute(
+            "SELECT backup_path FROM migration_audit.runs WHERE run_id = 'pass-4'"
+        ).fetchone()[0]
+    next(Path(folder).glob("account_user.csv.gz")).write_bytes(b"damaged")
+    assert covering("pass-5") is None

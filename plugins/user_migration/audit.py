@@ -41,9 +41,13 @@ def start_run(
         )
 
 
-def set_backup(conn: psycopg.Connection, run_id: str, path: str) -> None:
+def set_backup(conn: psycopg.Connection, run_id: str, path: str | None, note: str | None = None) -> None:
+    """Record the run's backup folder, or (path None) why it wrote none."""
     with conn.transaction():
-        conn.execute("UPDATE migration_audit.runs SET backup_path = %s WHERE run_id = %s", (path, run_id))
+        conn.execute(
+            "UPDATE migration_audit.runs SET backup_path = %s, backup_note = %s WHERE run_id = %s",
+            (path, note, run_id),
+        )
 
 
 def record_attempt(

@@ -28,7 +28,7 @@ import psycopg
 from isal import igzip
 from psycopg import pq, sql
 
-from user_migration.config import LegacyMapping
+from user_migration.config import LegacyMapping, Settings
 from user_migration.db import MigrationError
 
 MANIFEST = "manifest.json"
@@ -336,3 +336,26 @@ def verify_backup(folder: Path) -> dict[str, Any]:
                 f"the manifest says {entry['sha256']}. Refusing to use it"
             )
     return manifest
+
+
+def backup_covering(
+    legacy: psycopg.Connection, target: psycopg.Connection, settings: Settings, run_id: str
+) -> str | None:
+    """Why ``run_id`` need not write a backup (naming the one that covers it), or None to write one.
+
+    A pass whose change log shows nothing changed since the last backup would write the same rows
+    again (a gigabyte an hour at 10M users); that backup is kept instead, when it still verifies.
+    """
+    from user_migration import capture
+
+    if settings.dry_run:
+        return None
+    quiet = capture.quiet_since_backup(legacy, target, settings.mapping, run_id)
+    if quiet is None:
+        return None
+    backup_run, folder = quiet
+    try:
+        verify_backup(Path(folder))
+    except MigrationError:
+        return None
+    return f"nothing changed since run '{backup_run}' took its backup, which covers this run: {folder}"

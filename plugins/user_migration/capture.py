@@ -256,3 +256,25 @@ def complete_pass(
             consume(legacy, mapping, list(row[1]))
         set_trust(target, True, None, run_id)
     return True
+
+
+def log_is_empty(legacy: psycopg.Connection, mapping: LegacyMapping) -> bool:
+    return not legacy.execute(
+        sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(log_table(mapping))
+    ).fetchone()[0]
+
+
+def quiet_since_backup(
+    legacy: psycopg.Connection, target: psycopg.Connection, mapping: LegacyMapping, run_id: str
+) -> tuple[str, str] | None:
+    """(run id, folder) of the last backup when nothing changed since it was taken, else None.
+
+    Nothing changed when the log is trusted, in place and empty now, and the run that took the
+    backup and every run since consumed no entry: an entry committed after that backup's snapshot
+    would have been consumed by one of them, or would still be in the log.
+    """
+    trusted, _ = trust(target)
+    if not trusted or not status(legacy, mapping).installed or not log_is_empty(legacy, mapping):
+        return None
+    row = target.execute(read_sql("audit/quiet_since_backup.sql"), {"run_id": run_id}).fetchone()
+    return None if row is None else (row[0], row[1])

@@ -164,7 +164,7 @@ class LegacyBackupOperator(_MigrationOperator):
 
     def run(self, context, settings, target):
         from user_migration import audit
-        from user_migration.backup import run_backup
+        from user_migration.backup import backup_covering, run_backup
         from user_migration.cutover import active_cutover, resolve_pending
         from user_migration.db import check_legacy_tables
 
@@ -192,6 +192,11 @@ class LegacyBackupOperator(_MigrationOperator):
                 check_legacy_tables(legacy, settings.mapping, settings.legacy_conn_id)
             except MigrationError as exc:
                 raise ConfigError(str(exc)) from None
+            covered = None if settings.full_reconcile else backup_covering(legacy, target, settings, run_id)
+            if covered:
+                audit.set_backup(target, run_id, None, covered)
+                self.log.info("no backup written: %s", covered)
+                return {"folder": None, "covered_by": covered}
             result = run_backup(legacy, settings.mapping, backup_root(), run_id, settings.legacy_conn_id)
         audit.set_backup(target, run_id, result.folder)
         self.log.info("backup written to %s: %s", result.folder, result.rows)

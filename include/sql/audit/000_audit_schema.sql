@@ -256,3 +256,9 @@ CREATE TABLE IF NOT EXISTS migration_audit.backup_deletions (
     bytes          bigint NULL,
     deleted_at     timestamptz NOT NULL DEFAULT now()
 );
+
+-- Change-log entries a partition consumed (capture.py): a run whose partitions consumed none changed
+-- nothing, so the next pass may skip its backup (audit/quiet_since_backup.sql).
+ALTER TABLE migration_audit.partitions ADD COLUMN IF NOT EXISTS consumed bigint NULL;
+-- Why a run wrote no backup of its own (the backup that covers it is named there).
+ALTER TABLE migration_audit.runs ADD COLUMN IF NOT EXISTS backup_note text NULL;

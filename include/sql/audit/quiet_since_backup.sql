@@ -1,0 +1,24 @@
+-- The newest successful run that wrote a backup, provided that it and every run after it changed
+-- nothing: each of their partitions consumed no change-log entry and read the log (consumed is set),
+-- and none of them still runs. Then that backup still equals the legacy tables and a new pass may
+-- skip its own. Returns (run_id, backup_path) or no row.
+WITH last_backup AS (
+    SELECT run_id, backup_path, started_at
+    FROM migration_audit.runs
+    WHERE backup_path IS NOT NULL AND state = 'success' AND NOT dry_run
+    ORDER BY started_at DESC
+    LIMIT 1
+)
+SELECT b.run_id, b.backup_path
+FROM last_backup AS b
+WHERE NOT EXISTS (
+    SELECT 1
+    FROM migration_audit.runs AS r
+    JOIN migration_audit.partitions AS p ON p.run_id = r.run_id
+    WHERE r.started_at >= b.started_at AND r.run_id <> %(run_id)s
+      AND (p.consumed IS NULL OR p.consumed > 0 OR p.inserted > 0 OR p.updated > 0 OR p.removed > 0)
+)
+AND NOT EXISTS (
+    SELECT 1 FROM migration_audit.runs AS r
+    WHERE r.started_at >= b.started_at AND r.run_id <> %(run_id)s AND r.state NOT IN ('success', 'skipped_after_cutover')
+)
