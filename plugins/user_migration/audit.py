@@ -88,7 +88,8 @@ def store_validation(conn: psycopg.Connection, run_id: str, outcomes: list[dict[
 def reconcile(conn: psycopg.Connection, run_id: str) -> dict[str, Any]:
     """Counts of the run from the audit tables: every source row moved or rejected, exactly once."""
     plan = conn.execute(
-        "SELECT source_rows, jsonb_array_length(partitions) FROM migration_audit.plans WHERE run_id = %s",
+        "SELECT source_rows, jsonb_array_length(partitions), changes, changes_reason FROM migration_audit.plans "
+        "WHERE run_id = %s",
         (run_id,),
     ).fetchone()
     if plan is None:
@@ -126,6 +127,9 @@ def reconcile(conn: psycopg.Connection, run_id: str) -> dict[str, Any]:
         # the count the plan saw a moment earlier (planned_rows).
         "source_rows": rows_in,
         "planned_rows": plan[0],
+        # How the pass found the changed rows: "log" (the change log) or "full" (every row hashed), and why.
+        "changes": plan[2],
+        "changes_reason": plan[3],
         "partitions": plan[1],
         "partitions_done": totals[1],
         "partition_attempts": totals[9],

@@ -405,9 +405,10 @@ class MigrationReportOperator(_MigrationOperator):
         run_id = context["run_id"]
         numbers = audit.reconcile(target, run_id)
         backup = target.execute(
-            "SELECT backup_path FROM migration_audit.runs WHERE run_id = %s", (run_id,)
+            "SELECT backup_path, backup_note FROM migration_audit.runs WHERE run_id = %s", (run_id,)
         ).fetchone()
         backup_path = backup[0] if backup else None
+        backup_note = backup[1] if backup else None
         # The pass succeeded: prune old backups now (a dry run only says what it would delete).
         retention = prune_backups(
             target,
@@ -429,6 +430,7 @@ class MigrationReportOperator(_MigrationOperator):
             "target_users": target_users,
             "checks": audit.validation_results(target, run_id),
             "backup_path": backup_path,
+            "backup_note": backup_note,
             "covering_backup": retention["covering_backup"],
             "retention": retention,
             "seconds": round((dt.datetime.now(dt.UTC) - started).total_seconds(), 1) if started else None,

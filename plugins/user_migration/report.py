@@ -40,8 +40,9 @@ def render_markdown(summary: dict[str, Any]) -> str:
         f"- target users now: {summary.get('target_users', 'n/a')}",
         f"- partitions: {summary['partitions_done']}/{summary['partitions']} done "
         f"({summary['partition_attempts']} attempts)",
-        f"- backup: {summary['backup_path']}",
+        f"- backup: {summary['backup_path'] or summary.get('backup_note') or 'none'}",
         f"- backup covering this run: {summary.get('covering_backup') or 'none that verifies'}",
+        f"- changed rows found by: {summary.get('changes') or 'n/a'} ({summary.get('changes_reason') or ''})",
         f"- time taken: {summary['seconds']} s",
         "",
         "## Rejected rows by reason",
