@@ -68,18 +68,23 @@ def status(legacy: psycopg.Connection, mapping: LegacyMapping) -> Status:
         legacy.execute("SELECT %s::regclass::oid", (t.table.as_string(legacy),)).fetchone()[0] for t in tables
     ]
     present, enabled = legacy.execute(read_sql("capture/trigger_status.sql"), {"tables": oids}).fetchone()
-    log_exists = legacy.execute("SELECT to_regclass(%s)", (log_table(mapping).as_string(legacy),)).fetchone()[
-        0
-    ]
+    usable = log_exists(legacy, mapping) and can_use_log(legacy, mapping)
     truncated = bool(
-        log_exists
+        usable
         and legacy.execute(
             sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE source_id IS NULL)").format(log_table(mapping))
         ).fetchone()[0]
     )
     wanted = TRIGGERS_PER_TABLE * len(tables)
-    installed = bool(log_exists) and enabled == wanted
+    installed = usable and enabled == wanted
     return Status(installed=installed, partly=not installed and present > 0, truncated=truncated)
+
+
+def can_use_log(legacy: psycopg.Connection, mapping: LegacyMapping) -> bool:
+    """Whether this role may read and consume the change log (another role may have created it)."""
+    return legacy.execute(
+        "SELECT has_table_privilege(%s, 'SELECT, DELETE')", (log_table(mapping).as_string(legacy),)
+    ).fetchone()[0]
 
 
 def install(legacy: psycopg.Connection, mapping: LegacyMapping, lock_timeout_ms: int = 3000) -> None:
@@ -211,6 +216,13 @@ def prepare(
     Must run before any snapshot the pass reads rows in, so that every change after those snapshots
     is in the log. A role that may not create triggers gets full passes, and says so.
     """
+    if log_exists(legacy, mapping) and not can_use_log(legacy, mapping):
+        return Mode(
+            "full",
+            f"change capture unavailable: the change log {log_table(mapping).as_string(legacy)} belongs to another "
+            "role and this one may not read and delete its entries (grant it SELECT and DELETE on the log)",
+            installed=False,
+        )
     state = status(legacy, mapping)
     if not state.installed:
         try:
