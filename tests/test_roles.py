@@ -175,6 +175,15 @@ def test_pass_role_runs_passes_with_change_capture_and_cannot_switch(legacy, rol
     )
     with pytest.raises(CutoverRefused, match=r"^cutover rehearsal refused, nothing changed: the role "):
         cutover(as_pass, "pass-1", dry_run=True)
+    with (
+        psycopg.connect(as_pass, autocommit=True) as conn,
+        pytest.raises(
+            MigrationError,
+            match=r"^restore refused, nothing changed: .*\(permission denied for table account_user\)\. "
+            r"The restore locks .* include/sql/roles/switch_privilege\.sql creates",
+        ),
+    ):
+        restore(conn, conn, SETTINGS, Path(result["backup_folder"]))
     assert legacy_state(legacy) == before and before["cutover"] is None and before["log"]
     with psycopg.connect(as_app) as app:  # still writable
         app.execute("UPDATE account_user SET full_name = 'Still Writable' WHERE id = 1")
