@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from user_migration import privileges
 from user_migration.config import LegacyMapping
 from user_migration.db import read_sql
 
@@ -227,13 +228,21 @@ def prepare(
     if not state.installed:
         try:
             install(legacy, mapping, lock_timeout_ms)
-        except psycopg.errors.InsufficientPrivilege:
-            return Mode(
-                "full",
-                "change capture unavailable: this role may not create triggers on the legacy tables "
-                "(grant it TRIGGER on them and CREATE on their schema, see include/sql/roles/)",
-                installed=False,
-            )
+        except psycopg.errors.InsufficientPrivilege as exc:
+            if state.partly:  # replacing a trigger that is there means dropping it: the owner only
+                why = (
+                    f"a capture trigger is disabled or half-installed and this role may not replace it "
+                    f"({privileges.denied(exc)}); only the legacy tables' owner may drop a trigger: drop the "
+                    "user_migration_capture_* triggers as the owner, or run one pass as the switch role "
+                    f"({privileges.SWITCH_SCRIPT})"
+                )
+            else:
+                why = (
+                    f"this role may not create the change log and its triggers ({privileges.denied(exc)}); "
+                    "grant it TRIGGER on the legacy tables and CREATE on their schema, as "
+                    f"{privileges.PASS_SCRIPT} does"
+                )
+            return Mode("full", f"change capture unavailable: {why}", installed=False)
         if state.partly:
             distrust(target, "a capture trigger was missing or disabled", run_id)
     elif state.truncated:

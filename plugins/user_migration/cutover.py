@@ -33,7 +33,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from user_migration import capture
+from user_migration import capture, privileges
 from user_migration.config import Settings
 from user_migration.db import read_sql
 from user_migration.errors import MigrationError
@@ -168,6 +168,9 @@ def run_cutover(
     for attempt in range(1, options.attempts + 1):
         try:
             return _attempt(job, attempt)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            action = "cutover rehearsal" if options.dry_run else "cutover"
+            raise CutoverRefused(privileges.switch_refusal(action, legacy, exc)) from None
         except psycopg.errors.LockNotAvailable:
             holders = _lock_holders(legacy, settings)
             if attempt == options.attempts:

@@ -27,7 +27,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from user_migration import audit
+from user_migration import audit, privileges
 from user_migration.backup import verify_backup
 from user_migration.config import FIELDS, Settings
 from user_migration.cutover import active_cutover, set_legacy_read_only
@@ -124,6 +124,10 @@ def carry_back(
                 "rolled_back_by = %s WHERE id = %s",
                 (by, cut["id"]),
             )
+    except psycopg.errors.InsufficientPrivilege as exc:
+        if legacy_committed:
+            raise
+        raise MigrationError(privileges.switch_refusal("carry_back", legacy, exc)) from None
     except psycopg.Error as exc:
         if not legacy_committed:
             raise
@@ -500,6 +504,8 @@ def restore(
             legacy.execute("SET CONSTRAINTS ALL IMMEDIATE")  # a backup link to a vanished group fails here
             for table in staged:
                 legacy.execute(sql.SQL("DROP TABLE {}").format(table.staging))
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise MigrationError(privileges.switch_refusal("restore", legacy, exc)) from None
     except psycopg.errors.LockNotAvailable:
         raise MigrationError(
             f"restore gave up, nothing changed: the legacy tables could not be locked within "

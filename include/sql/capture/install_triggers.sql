@@ -3,7 +3,11 @@
 -- one INSERT. PostgreSQL allows one event per trigger when transition tables are used, hence three,
 -- plus one for TRUNCATE. {function}, {table}, {log}, {column} (the user id column): identifiers;
 -- {source}: the table's number in the log. Idempotent.
-CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $fn$
+-- SECURITY DEFINER: the function runs as its owner (the role that installed it, which owns the log),
+-- not as the application's role writing to the legacy table, which has no right on the log; a
+-- trigger function cannot be called directly, and search_path is pinned ({log} is qualified).
+CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO {log} (source, source_id, op) SELECT DISTINCT {source}, {column}, 'I' FROM new_rows;

@@ -14,8 +14,17 @@
 --
 -- What the role may do
 --   legacy tables  CONNECT, USAGE on the legacy schema, SELECT on the users table and its two link
---                  tables: the backup, the plan and the copy only read them. It cannot UPDATE,
---                  DELETE, TRUNCATE, ALTER or DROP them (it does not own them).
+--                  tables and SELECT on their id sequences: the backup, the plan, the copy and the
+--                  profiles only read them. It cannot UPDATE, DELETE, TRUNCATE, LOCK (beyond
+--                  reading), ALTER or DROP them, nor drop a trigger on them (it does not own them).
+--   change capture TRIGGER on those three tables and CREATE on the legacy schema: the plan creates
+--                  the change log user_migration_changes and the functions user_migration_capture_N
+--                  there (the role owns them) and the capture triggers on the tables (capture.py).
+--                  The functions are SECURITY DEFINER, so the application's writes append to the log
+--                  without any right on it. Without these two grants every pass compares every row
+--                  and warns. A trigger that is there but disabled or half-installed can only be
+--                  replaced by the tables' owner (PostgreSQL lets only the owner drop a trigger).
+--                  The cutover and the rollback need more: the second role, switch_privilege.sql.
 --   target         TEMPORARY on the database (each partition stages rows in temp tables); CREATE on
 --                  the database, so the DAG can create its audit schema migration_audit; USAGE and
 --                  CREATE on the target schema, so the ddl task can create account_newuser and its
@@ -82,6 +91,30 @@ JOIN pg_namespace AS n ON n.oid = c.relnamespace
 WHERE n.nspname = :'legacy_schema'
   AND c.relname = ANY (string_to_array(:'legacy_tables', ','))
   AND c.relkind IN ('r', 'p', 'v', 'm', 'f') \gexec
+-- Their id sequences, read only (SELECT: last_value, not nextval or setval): the profiles task moves
+-- the target's sequences past every id the legacy tables handed out, deleted users' ids included.
+SELECT DISTINCT format('GRANT SELECT ON SEQUENCE %s TO %I', s.oid::regclass, :'role')
+FROM pg_class AS c
+JOIN pg_namespace AS n ON n.oid = c.relnamespace
+JOIN pg_depend AS d ON d.refclassid = 'pg_class'::regclass AND d.refobjid = c.oid AND d.deptype IN ('a', 'i')
+JOIN pg_class AS s ON s.oid = d.objid AND d.classid = 'pg_class'::regclass AND s.relkind = 'S'
+WHERE n.nspname = :'legacy_schema'
+  AND c.relname = ANY (string_to_array(:'legacy_tables', ',')) \gexec
+
+-- Change capture: triggers on the legacy tables; the log and the trigger functions in their schema.
+SELECT format('GRANT TRIGGER ON TABLE %I.%I TO %I', n.nspname, c.relname, :'role')
+FROM pg_class AS c
+JOIN pg_namespace AS n ON n.oid = c.relnamespace
+WHERE n.nspname = :'legacy_schema'
+  AND c.relname = ANY (string_to_array(:'legacy_tables', ','))
+  AND c.relkind IN ('r', 'p') \gexec
+SELECT format('GRANT CREATE ON SCHEMA %I TO %I', nspname, :'role')
+FROM pg_namespace AS n
+WHERE nspname = :'legacy_schema'
+  AND EXISTS (
+      SELECT FROM pg_class AS c
+      WHERE c.relnamespace = n.oid AND c.relname = ANY (string_to_array(:'legacy_tables', ','))
+  ) \gexec
 
 -- Target side: create the new tables; reference the shared groups and permissions where they are here.
 SELECT format('GRANT USAGE, CREATE ON SCHEMA %I TO %I', :'target_schema', :'role') \gexec
@@ -109,6 +142,20 @@ WHERE c.relkind IN ('r', 'p')
           )
       )
   ) \gexec
+-- The change log and capture functions an earlier run installed under another role: the passes
+-- read and empty the log, and the functions run as their owner (SECURITY DEFINER, as capture.py
+-- installs them), so they append to the log whoever writes to the legacy tables.
+SELECT format('ALTER TABLE %I.%I OWNER TO %I', n.nspname, c.relname, :'role')
+FROM pg_class AS c
+JOIN pg_namespace AS n ON n.oid = c.relnamespace
+WHERE n.nspname = :'legacy_schema' AND c.relname = 'user_migration_changes' AND c.relkind = 'r'
+  AND c.relowner <> (SELECT oid FROM pg_roles WHERE rolname = :'role') \gexec
+SELECT format('ALTER FUNCTION %s OWNER TO %I', p.oid::regprocedure, :'role'),
+       format('ALTER FUNCTION %s SECURITY DEFINER SET search_path = pg_catalog, pg_temp', p.oid::regprocedure)
+FROM pg_proc AS p
+JOIN pg_namespace AS n ON n.oid = p.pronamespace
+WHERE n.nspname = :'legacy_schema' AND p.proname ~ '^user_migration_capture_[0-9]+$' AND p.pronargs = 0
+  AND p.proowner <> (SELECT oid FROM pg_roles WHERE rolname = :'role') \gexec
 
 COMMIT;
 
