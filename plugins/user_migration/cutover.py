@@ -12,7 +12,8 @@
    what the final sync changed (summed by triggers on the target tables from their transition
    tables), and the legacy count of 3 plus the log's inserts and deletes since.
 6. Make the legacy tables read-only (writes fail naming the new table), drop the capture, record
-   the cutover, commit. The pause is steps 4 to 6: work proportional to the last changes.
+   the cutover, commit. The pause is steps 4 to 6, from the lock request (writes queue behind it
+   while it waits for open writes) to the legacy commit: work proportional to the last changes.
 With ``dry_run`` every step runs, then everything is rolled back and the pause is reported.
 
 With a separate target database the target commits first, recording the cutover as 'switching',
@@ -247,6 +248,8 @@ def _attempt(job: _Job, attempt: int) -> dict[str, Any]:
                 )
             ).fetchone()
 
+            # Writes queue behind the lock from the moment it is asked for, not only once it is held.
+            requested = time.monotonic()
             legacy.execute(
                 sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(
                     sql.SQL(", ").join(legacy_tables(job.settings))
@@ -278,8 +281,9 @@ def _attempt(job: _Job, attempt: int) -> dict[str, Any]:
                 target.execute(read_sql("cutover/untrack_changes.sql"))
                 result["cutover_id"] = _record(job, proof, attempt, result)
         _between_commits()
-    pause = time.monotonic() - locked
+    pause = time.monotonic() - requested
     result["write_pause_seconds"] = round(pause, 3)
+    result["lock_wait_seconds"] = round(locked - requested, 3)
     if not options.dry_run:
         with target.transaction():
             target.execute(
