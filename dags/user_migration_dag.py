@@ -10,10 +10,13 @@ import datetime as dt
 import os
 from pathlib import Path
 
-from airflow.sdk import DAG, Param
+from airflow.sdk import DAG, Param, TriggerRule
 
+from user_migration.assets import CUTOVER_ALIAS, TARGET_USERS_ALIAS
+from user_migration.deadline import deadline_alert
 from user_migration.operators import (
     POOL,
+    CutoverApprovalOperator,
     CutoverOperator,
     GreatExpectationsValidationOperator,
     LegacyBackupOperator,
@@ -42,6 +45,9 @@ with DAG(
     start_date=dt.datetime(2025, 1, 1, tzinfo=dt.UTC),
     catchup=False,
     max_active_runs=1,
+    # A pass running longer than USER_MIGRATION_PASS_DEADLINE_MINUTES (default 120) since it was
+    # queued raises an alert: a log line in the triggerer, plus a webhook or e-mail when configured.
+    deadline=deadline_alert(),
     tags=["migration", "users", "postgres"],
     default_args={
         "owner": "data-platform",
@@ -110,6 +116,25 @@ with DAG(
             description=(
                 "After a passing validation: lock the legacy tables, run the final sync, prove equality and "
                 "make the legacy tables read-only. With dry_run it is a rehearsal that changes nothing."
+            ),
+        ),
+        "require_approval": Param(
+            True,
+            type="boolean",
+            description=(
+                "Cutover: wait for a person to Approve in Airflow (Required actions) before locking the legacy "
+                "tables. Only for unattended tests and demos: false cuts over without asking. A rehearsal "
+                "(dry_run) never asks."
+            ),
+        ),
+        "approval_timeout_minutes": Param(
+            60,
+            type="integer",
+            minimum=1,
+            maximum=10_080,
+            description=(
+                "Cutover: how long the approval waits for an answer; without one the answer is Reject and the "
+                "legacy tables stay writable. Later passes queue behind the waiting run (max_active_runs=1)."
             ),
         ),
         "lock_timeout_ms": Param(
@@ -195,7 +220,17 @@ with DAG(
     ).expand(partition=plan.output)
     profiles = ProfileInitOperator(task_id="profiles")
     validate = GreatExpectationsValidationOperator(task_id="validate", retries=0)
-    cutover = CutoverOperator(task_id="cutover", retries=0)
-    report = MigrationReportOperator(task_id="report")
+    # Skipped (with the cutover) unless Param cutover; a Reject or a timeout skips the cutover.
+    approve = CutoverApprovalOperator(task_id="approve_cutover", retries=0)
+    cutover = CutoverOperator(task_id="cutover", retries=0, outlets=[CUTOVER_ALIAS])
+    # The report ends every pass that validated: after a cutover, or a skipped one (not requested,
+    # rejected, timed out). Not after a failed validation or a failed cutover (the run failed and the
+    # audit trail says why), nor when the whole pass was skipped after an earlier cutover.
+    report = MigrationReportOperator(
+        task_id="report",
+        trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,
+        outlets=[TARGET_USERS_ALIAS],
+    )
 
-    backup >> ddl >> plan >> copy >> profiles >> validate >> cutover >> report
+    backup >> ddl >> plan >> copy >> profiles >> validate >> approve >> cutover >> report
+    validate >> report

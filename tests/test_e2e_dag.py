@@ -7,6 +7,7 @@ exactly as a user's do; the outcome is asserted row by row against the fixture.
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 import fixture_users as fx
@@ -15,6 +16,8 @@ import pytest
 from airflow_env import airflow_env, dags_test, prepare_metadata
 from conftest import uri_for
 from pipeline import rejects, snapshot
+
+from user_migration.approval import cutover_figures, render_body
 
 pytestmark = pytest.mark.e2e
 
@@ -49,6 +52,27 @@ def latest_run_id(dsn: str) -> str:
         return conn.execute(
             "SELECT run_id FROM migration_audit.runs ORDER BY started_at DESC LIMIT 1"
         ).fetchone()[0]
+
+
+def task_states(airflow_home: Path, run_id: str) -> dict[str, str]:
+    """The task instances' states of ``run_id`` in Airflow's metadata database (SQLite here)."""
+    with sqlite3.connect(airflow_home / "airflow.db") as meta:
+        return dict(
+            meta.execute(
+                "SELECT task_id, state FROM task_instance WHERE run_id = ? AND map_index = -1", (run_id,)
+            ).fetchall()
+        )
+
+
+def asset_events(airflow_home: Path, run_id: str) -> list[tuple[str, str, dict]]:
+    """(task, asset uri, extra) of every asset event ``run_id`` emitted, through which alias."""
+    with sqlite3.connect(airflow_home / "airflow.db") as meta:
+        rows = meta.execute(
+            "SELECT e.source_task_id, a.uri, e.extra FROM asset_event e JOIN asset a ON a.id = e.asset_id "
+            "WHERE e.source_run_id = ? ORDER BY e.id",
+            (run_id,),
+        ).fetchall()
+    return [(task, uri, json.loads(extra) if isinstance(extra, str) else extra) for task, uri, extra in rows]
 
 
 @pytest.fixture
@@ -93,16 +117,22 @@ def test_dag_migrates_the_fixture_exactly_and_leaves_an_audit_trail(
             (run_id,),
         ).fetchone()
     assert state == "success"
-    assert {t for t, _ in attempts} == {
-        "backup",
-        "ddl",
-        "plan",
-        "copy",
-        "profiles",
-        "validate",
-        "cutover",
-        "report",
-    }
+    assert {t for t, _ in attempts} == {"backup", "ddl", "plan", "copy", "profiles", "validate", "report"}
+    # Param cutover=false: the approval and the cutover show as skipped, the report still ran.
+    states = task_states(airflow_home, run_id)
+    assert (states["approve_cutover"], states["cutover"], states["report"]) == (
+        "skipped",
+        "skipped",
+        "success",
+    )
+    # The pass updated the target users table: one asset event, through the alias, with its counts.
+    params = psycopg.conninfo.conninfo_to_dict(legacy)
+    ((task, uri, extra),) = asset_events(airflow_home, run_id)
+    assert task == "report"
+    assert uri == f"postgres://{params['host']}:{params['port']}/{params['dbname']}/public/account_newuser"
+    assert extra["kind"] == "pass" and extra["run_id"] == run_id
+    assert (extra["migrated"], extra["rejected"]) == (len(fx.MIGRATED), len(fx.REJECTED))
+    assert summary["cutover"] == {"state": "not_requested", "legacy_tables": "writable"}
     assert checks[0] >= 20 and checks[1] is True
     assert summary["source_rows"] == len(fx.ROWS)
     assert (summary["migrated"], summary["rejected"]) == (len(fx.MIGRATED), len(fx.REJECTED))
@@ -115,7 +145,7 @@ def test_dag_migrates_the_fixture_exactly_and_leaves_an_audit_trail(
     markdown = (folder / "report.md").read_text()
     assert "rejected_rows" in markdown and "Personal data" in markdown
     # No password hash, email or phone of any user in the report or anything Airflow logged.
-    for text in (json.dumps(report), markdown, output):
+    for text in (json.dumps(report), markdown, output, json.dumps(extra)):
         for value in personal_values():
             assert value not in text
 
@@ -160,6 +190,33 @@ def test_dry_run_writes_nothing_to_target_tables(airflow_home, legacy, backup_di
         summary = conn.execute("SELECT summary FROM migration_audit.runs").fetchone()[0]
     assert summary["dry_run"] is True
     assert (summary["migrated"], summary["rejected"]) == (len(fx.MIGRATED), len(fx.REJECTED))
+    assert asset_events(airflow_home, latest_run_id(legacy)) == []  # a dry run updates no table
+
+
+def test_rehearsal_needs_no_approval_and_emits_no_cutover_event(airflow_home, legacy, backup_dir, tmp_path):
+    assert run_dag(airflow_home, legacy, backup_dir, tmp_path)[0] == 0
+    code, output = run_dag(
+        airflow_home, legacy, backup_dir, tmp_path, conf={"cutover": True, "dry_run": True}
+    )
+    assert code == 0, output[-4000:]
+    run_id = latest_run_id(legacy)
+    assert task_states(airflow_home, run_id)["cutover"] == "success"
+    assert "rehearsal (dry_run): it changes nothing, so it needs no approval" in output
+    assert asset_events(airflow_home, run_id) == []
+    with psycopg.connect(legacy) as conn:
+        summary = conn.execute(
+            "SELECT summary FROM migration_audit.runs WHERE run_id = %s", (run_id,)
+        ).fetchone()[0]
+        # The approval of a later real cutover shows this measured pause, read from migration_audit.
+        figures = cutover_figures(conn, run_id)
+    assert summary["cutover"]["state"] == "rehearsed"
+    assert summary["cutover"]["legacy_tables"] == "writable"
+    assert figures["rehearsal"]["run_id"] == run_id
+    assert figures["rehearsal"]["write_pause_seconds"] == summary["cutover"]["write_pause_seconds"]
+    body = render_body(figures, 60)
+    assert f"rehearsal {run_id}: writes paused" in body and "duplicate_email: 4" in body
+    for value in personal_values():
+        assert value not in body
 
 
 def test_wrong_database_fails_at_once_with_one_clear_sentence(airflow_home, pg_server, backup_dir, tmp_path):
@@ -199,8 +256,18 @@ def test_too_many_rejects_fail_validation_and_say_by_how_much(airflow_home, lega
 
 
 def test_cutover_then_passes_stop_then_rollback_dag_resumes(airflow_home, legacy, backup_dir, tmp_path):
-    code, output = run_dag(airflow_home, legacy, backup_dir, tmp_path, conf={"cutover": True})
+    # dag.test() would wait for a human's answer: this run skips the gate (the stack test answers it).
+    code, output = run_dag(
+        airflow_home, legacy, backup_dir, tmp_path, conf={"cutover": True, "require_approval": False}
+    )
     assert code == 0, output[-4000:]
+    run_id = latest_run_id(legacy)
+    events = {task: (uri, extra) for task, uri, extra in asset_events(airflow_home, run_id)}
+    assert set(events) == {"cutover", "report"}
+    uri, extra = events["cutover"]
+    assert uri.endswith("/migration_audit/cutovers")
+    assert extra["kind"] == "cutover" and extra["run_id"] == run_id
+    assert extra["source_checksum"] == extra["target_checksum"] and extra["write_pause_seconds"] >= 0
     with psycopg.connect(legacy) as conn:
         cut = conn.execute(
             "SELECT state, source_rows, target_rows, rejected_rows FROM migration_audit.cutovers"

@@ -28,6 +28,7 @@ USERS = 1_500
 RETRY_RUN = "retry_check_1"
 # Every first try of `profiles` in runs whose id holds "retry_check" fails; the scheduler retries it.
 FAIL_ONCE = "profiles@retry_check"
+DEADLINE_MINUTES = 0.75
 
 
 def _free_port() -> int:
@@ -47,7 +48,12 @@ def stack() -> Iterator[airflow_stack.Stack]:
             base,
             _free_port(),
             users=USERS,
-            extra_env={"USER_MIGRATION_SCHEDULE": "@daily", "USER_MIGRATION_FAIL_ONCE": FAIL_ONCE},
+            extra_env={
+                "USER_MIGRATION_SCHEDULE": "@daily",
+                "USER_MIGRATION_FAIL_ONCE": FAIL_ONCE,
+                # Short, so the approval test's run misses it while it waits for an answer.
+                "USER_MIGRATION_PASS_DEADLINE_MINUTES": str(DEADLINE_MINUTES),
+            },
         )
     finally:
         stopped = airflow_stack.stop(base)
@@ -98,6 +104,15 @@ class Api:
                 return run
             time.sleep(2)
         raise AssertionError(f"run {run_id} did not finish in {timeout} s (state {run['state']})")
+
+    def wait_for_task_state(self, run_id: str, task_id: str, state: str, timeout: float = 300) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            ti = self.task_instances(run_id).get((task_id, -1))
+            if ti and ti["state"] == state:
+                return ti
+            assert time.monotonic() < deadline, f"{task_id} of {run_id} is {ti and ti['state']}, not {state}"
+            time.sleep(2)
 
     def task_instances(self, run_id: str) -> dict[tuple[str, int], dict]:
         items = self("GET", f"/dags/user_migration/dagRuns/{run_id}/taskInstances")["task_instances"]
@@ -152,7 +167,10 @@ def test_trigger_through_the_rest_api_migrates_every_row(stack, api):
 
     tis = api.task_instances("rest_trigger_1")
     assert {k for k in tis if k[0] == "copy"} == {("copy", 0), ("copy", 1)}  # mapped partitions
-    assert all(t["state"] == "success" for t in tis.values())
+    # cutover=false: the approval and the cutover show as skipped, everything else succeeded.
+    gate = {("approve_cutover", -1), ("cutover", -1)}
+    assert {k: t["state"] for k, t in tis.items() if k in gate} == dict.fromkeys(gate, "skipped")
+    assert all(t["state"] == "success" for k, t in tis.items() if k not in gate)
     report = api(
         "GET", "/dags/user_migration/dagRuns/rest_trigger_1/taskInstances/report/xcomEntries/return_value"
     )
@@ -282,3 +300,123 @@ def test_the_web_ui_in_a_real_browser(stack, api):
         b.close()
     for name in ("01-login", "02-dag", "03-docs", "04-finished-run", "05-trigger-form"):
         assert (shots / f"{name}.png").stat().st_size > 10_000, name
+
+
+def _meta(stack: airflow_stack.Stack, query: str, args: tuple) -> list[tuple]:
+    """Rows from Airflow's own metadata database (PostgreSQL in the stack)."""
+    dsn = stack.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(query, args).fetchall()
+
+
+def _legacy_writable(stack: airflow_stack.Stack) -> bool:
+    with psycopg.connect(stack.legacy_dsn) as conn:
+        try:
+            conn.execute("UPDATE account_user SET id = id WHERE id = (SELECT min(id) FROM account_user)")
+        except psycopg.errors.ReadOnlySqlTransaction:
+            return False
+    return True
+
+
+def test_a_pass_emits_an_asset_event_with_its_counts(stack, api):
+    events = api("GET", "/assets/events?source_run_id=rest_trigger_1")["asset_events"]
+    assert [e["source_task_id"] for e in events] == ["report"]
+    (event,) = events
+    assert event["uri"].startswith("postgres://") and event["uri"].endswith(
+        "/user_migration/public/account_newuser"
+    )
+    assert event["extra"]["kind"] == "pass" and event["extra"]["run_id"] == "rest_trigger_1"
+    assert event["extra"]["migrated"] + event["extra"]["rejected"] == USERS
+    aliases = api("GET", "/assets/aliases")["asset_aliases"]
+    assert {"user_migration_target_users", "user_migration_cutover"} <= {a["name"] for a in aliases}
+
+
+def test_a_rejected_cutover_leaves_the_legacy_tables_writable_and_the_deadline_fires(stack, api):
+    run = "approval_reject_1"
+    api(
+        "POST",
+        "/dags/user_migration/dagRuns",
+        {"dag_run_id": run, "logical_date": None, "conf": {"cutover": True}},
+    )
+    api.wait_for_task_state(run, "approve_cutover", "awaiting_input", timeout=400)
+    hitl = f"/dags/user_migration/dagRuns/{run}/taskInstances/approve_cutover/-1/hitlDetails"
+    detail = api("GET", hitl)
+    assert detail["options"] == ["Approve", "Reject"] and detail["defaults"] == ["Reject"]
+    assert f"Run {run}" in detail["subject"]
+    assert "legacy rows read" in detail["body"] and "reconciliation" in detail["body"]
+    assert "Rejected rows by reason" in detail["body"]
+    # While the run waits for its answer it passes the pass deadline: the scheduler marks it missed
+    # and queues the alert's callback for the triggerer. (Seen on this stack with Airflow 3.3.2: the
+    # callback stayed 'queued' for 4 minutes, so its execution is not asserted here; the notifier
+    # itself is tested in tests/test_deadline.py.)
+    deadline = time.monotonic() + 120
+    while True:
+        rows = _meta(
+            stack,
+            "SELECT d.missed, c.state FROM deadline d JOIN dag_run r ON r.id = d.dagrun_id "
+            "JOIN callback c ON c.id = d.callback_id WHERE r.run_id = %s",
+            (run,),
+        )
+        if rows and rows[0][0]:
+            break
+        assert time.monotonic() < deadline, f"deadline not missed: {rows}"
+        time.sleep(3)
+    print("deadline of", run, "missed; callback state:", rows[0][1])
+
+    answer = api("PATCH", hitl, {"chosen_options": ["Reject"]})
+    assert answer["chosen_options"] == ["Reject"]
+    assert api.wait_for_run(run)["state"] == "success"
+    tis = api.task_instances(run)
+    assert (
+        tis[("approve_cutover", -1)]["state"],
+        tis[("cutover", -1)]["state"],
+        tis[("report", -1)]["state"],
+    ) == (
+        "success",
+        "skipped",
+        "success",
+    )
+    state, summary = _audit_run(stack, run)
+    assert state == "success"
+    assert summary["cutover"]["state"] == "not_approved"
+    assert summary["cutover"]["decision"] == "rejected by admin"
+    assert summary["cutover"]["legacy_tables"] == "writable"
+    assert _legacy_writable(stack)
+    assert not api("GET", f"/assets/events?source_run_id={run}&source_task_id=cutover")["asset_events"]
+
+
+def test_an_unanswered_approval_times_out_as_reject(stack, api):
+    run = "approval_timeout_1"
+    api(
+        "POST",
+        "/dags/user_migration/dagRuns",
+        {"dag_run_id": run, "logical_date": None, "conf": {"cutover": True, "approval_timeout_minutes": 1}},
+    )
+    assert api.wait_for_run(run, timeout=500)["state"] == "success"
+    assert api.task_instances(run)[("cutover", -1)]["state"] == "skipped"
+    _, summary = _audit_run(stack, run)
+    assert summary["cutover"]["decision"] == "no answer before the approval timed out"
+    assert _legacy_writable(stack)
+
+
+def test_an_approved_cutover_emits_its_asset_event(stack, api):
+    """Last: after it the legacy tables are read-only and passes stop."""
+    run = "approval_approve_1"
+    api(
+        "POST",
+        "/dags/user_migration/dagRuns",
+        {"dag_run_id": run, "logical_date": None, "conf": {"cutover": True}},
+    )
+    api.wait_for_task_state(run, "approve_cutover", "awaiting_input", timeout=400)
+    hitl = f"/dags/user_migration/dagRuns/{run}/taskInstances/approve_cutover/-1/hitlDetails"
+    assert api("PATCH", hitl, {"chosen_options": ["Approve"]})["responded_by"]["name"] == "admin"
+    assert api.wait_for_run(run)["state"] == "success"
+    assert api.task_instances(run)[("cutover", -1)]["state"] == "success"
+    (event,) = api("GET", f"/assets/events?source_run_id={run}&source_task_id=cutover")["asset_events"]
+    assert event["uri"].endswith("/user_migration/migration_audit/cutovers")
+    extra = event["extra"]
+    assert extra["kind"] == "cutover" and extra["run_id"] == run
+    assert extra["source_checksum"] == extra["target_checksum"] and extra["write_pause_seconds"] >= 0
+    _, summary = _audit_run(stack, run)
+    assert summary["cutover"]["state"] == "active" and summary["cutover"]["approval"]["by"] == "admin"
+    assert not _legacy_writable(stack)

@@ -180,6 +180,9 @@ class Settings:
     target_conn_id: str = "target_db"
     mapping: LegacyMapping = field(default_factory=load_mapping)
     cutover: bool = False
+    # A real cutover waits for a person's Approve (the approve_cutover task) unless this is false.
+    require_approval: bool = True
+    approval_timeout_minutes: int = 60
     lock_timeout_ms: int = 3000
     cutover_attempts: int = 5
     lock_wait_seconds: int = 60
@@ -237,7 +240,7 @@ class Settings:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
             raise ConfigError(f"max_reject_ratio must be a number from 0 to 1, got {ratio!r}")
         flags = {}
-        for name in ("dry_run", "cutover", "full_reconcile"):
+        for name in ("dry_run", "cutover", "full_reconcile", "require_approval"):
             flags[name] = params.get(name, getattr(cls, name))
             if not isinstance(flags[name], bool):
                 raise ConfigError(f"{name} must be true or false, got {flags[name]!r}")
@@ -249,6 +252,8 @@ class Settings:
             dry_run=flags["dry_run"],
             cutover=flags["cutover"],
             full_reconcile=flags["full_reconcile"],
+            require_approval=flags["require_approval"],
+            approval_timeout_minutes=integer("approval_timeout_minutes", 1, 10_080),
             lock_timeout_ms=integer("lock_timeout_ms", 10, 600_000),
             cutover_attempts=integer("cutover_attempts", 1, 50),
             lock_wait_seconds=integer("lock_wait_seconds", 0, 86_400),

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowRescheduleException, AirflowSkipException
 
@@ -31,6 +32,7 @@ POOL = "user_migration_db"
 # a backfill run that finds the lease held is rescheduled, using no worker, pool slot or retry while
 # it waits, and gives up only after this long.
 BACKFILL_LEASE_WAIT = dt.timedelta(hours=24)
+APPROVAL_TASK = "approve_cutover"
 
 
 def pass_date() -> dt.date:
@@ -437,25 +439,13 @@ class MigrationReportOperator(_MigrationOperator):
             "settings": {k: v for k, v in settings.public().items() if k != "mapping"},
             "personal_data": PERSONAL_DATA_NOTE.format(backup=backup_path),
         }
-        cut = target.execute(
-            "SELECT run_id, state, cut_at, pause_seconds, source_checksum, target_checksum "
-            "FROM migration_audit.cutovers WHERE run_id = %s ORDER BY id DESC LIMIT 1",
-            (run_id,),
-        ).fetchone()
-        summary["cutover"] = (
-            None
-            if cut is None
-            else {
-                "state": cut[1],
-                "cut_at": cut[2].isoformat(),
-                "write_pause_seconds": round(cut[3], 3),
-                "checksums_equal": cut[4] == cut[5],
-            }
-        )
+        summary["cutover"] = self._cutover_outcome(context, settings, target, run_id)
         folder = Path(backup_path) if backup_path else backup_root()
         summary["report_files"] = write_report(folder, summary)
         audit.finish_run(target, run_id, "success", summary)
         lease.release(target, run_id)
+        if not settings.dry_run:
+            self._emit_pass_event(context, summary)
         self.log.info(
             "backup retention (keep %s, %s days): %s %s folders (%s bytes), %s could not be deleted; "
             "covering backup %s",
@@ -479,6 +469,62 @@ class MigrationReportOperator(_MigrationOperator):
         )
         return summary
 
+    def _emit_pass_event(self, context: Any, summary: dict[str, Any]) -> None:
+        """The target users table was updated by this pass: its asset event, with the pass's counts."""
+        from user_migration.assets import TARGET_USERS_ALIAS, pass_extra, target_users_asset
+
+        if not any(getattr(o, "name", None) == TARGET_USERS_ALIAS.name for o in self.outlets or ()):
+            return
+        asset = target_users_asset(self._target_hook.connection_params())
+        context["outlet_events"][TARGET_USERS_ALIAS].add(asset, extra=pass_extra(summary))
+        self.log.info("asset event: %s (pass %s)", asset.uri, summary["run_id"])
+
+    def _cutover_outcome(
+        self, context: Any, settings: Settings, target: psycopg.Connection, run_id: str
+    ) -> dict[str, Any]:
+        """What became of the cutover in this run: not requested, not approved, rehearsed or done.
+
+        Read from the cutover's record (a real cutover), else from the approve_cutover and cutover
+        tasks' return values; ids, counts, timings and the approver's Airflow user name only.
+        """
+        ti = context["ti"]
+        approval = ti.xcom_pull(task_ids=APPROVAL_TASK) if settings.cutover else None
+        cut = target.execute(
+            "SELECT run_id, state, cut_at, pause_seconds, source_checksum, target_checksum "
+            "FROM migration_audit.cutovers WHERE run_id = %s ORDER BY id DESC LIMIT 1",
+            (run_id,),
+        ).fetchone()
+        if cut is not None:
+            return {
+                "state": cut[1],
+                "cut_at": cut[2].isoformat(),
+                "write_pause_seconds": round(cut[3], 3),
+                "checksums_equal": cut[4] == cut[5],
+                "approval": approval,
+                "legacy_tables": "read-only",
+            }
+        if not settings.cutover:
+            return {"state": "not_requested", "legacy_tables": "writable"}
+        result = ti.xcom_pull(task_ids="cutover")
+        if settings.dry_run and result:
+            return {
+                "state": "rehearsed",
+                "write_pause_seconds": result.get("write_pause_seconds"),
+                "checksums_equal": result.get("source_checksum") == result.get("target_checksum"),
+                "lock_attempts": result.get("lock_attempts"),
+                "legacy_tables": "writable",
+            }
+        if approval and not approval.get("approved"):
+            how = "no answer before the approval timed out" if approval.get("timed_out") else "rejected"
+            by = approval.get("by")
+            return {
+                "state": "not_approved",
+                "decision": f"{how}{f' by {by}' if by else ''}",
+                "approval": approval,
+                "legacy_tables": "writable",
+            }
+        return {"state": "not_done", "approval": approval, "legacy_tables": "writable"}
+
 
 class CutoverOperator(_MigrationOperator):
     """With Param cutover=true (and a passed validation): lock, final sync, prove, make legacy read-only."""
@@ -487,8 +533,9 @@ class CutoverOperator(_MigrationOperator):
         from user_migration.cutover import CutoverOptions, run_cutover
 
         if not settings.cutover:
-            self.log.info("cutover not requested (Param cutover=false): the legacy tables stay in use")
-            return {"requested": False}
+            raise AirflowSkipException(
+                "cutover not requested (Param cutover=false): the legacy tables stay in use"
+            )
         dag_run = context["dag_run"]
         as_of = pass_date()
         cut_by = dag_run.triggering_user_name or f"{dag_run.run_type} run"
@@ -511,7 +558,19 @@ class CutoverOperator(_MigrationOperator):
             result["target_rows"],
             result["rejected_rows"],
         )
+        if not settings.dry_run:
+            self._emit_cutover_event(context, context["run_id"], result)
         return {"requested": True, **result}
+
+    def _emit_cutover_event(self, context: Any, run_id: str, result: dict[str, Any]) -> None:
+        """The cutover's own asset event (migration_audit.cutovers of the target), only when declared."""
+        from user_migration.assets import CUTOVER_ALIAS, cutover_extra, cutovers_asset
+
+        if not any(getattr(o, "name", None) == CUTOVER_ALIAS.name for o in self.outlets or ()):
+            return
+        asset = cutovers_asset(self._target_hook.connection_params())
+        context["outlet_events"][CUTOVER_ALIAS].add(asset, extra=cutover_extra(run_id, result))
+        self.log.info("asset event: %s (cutover of run %s)", asset.uri, run_id)
 
 
 class RollbackOperator(_MigrationOperator):
@@ -563,3 +622,91 @@ class RollbackOperator(_MigrationOperator):
         capture.distrust(target, f"rollback ({action}) by run {context['run_id']}", context["run_id"])
         self.log.info("rollback %s done: %s", action, result)
         return {"action": action, **result}
+
+
+class CutoverApprovalOperator(ApprovalOperator):
+    """The human gate in front of a real cutover (the standard provider's ApprovalOperator).
+
+    - Param cutover=false: skipped, and so is the cutover (shown as skipped in the UI).
+    - A rehearsal (dry_run) or require_approval=false: approved at once, saying why.
+    - Otherwise: shows this pass's figures from migration_audit and waits in ``awaiting_input`` for
+      Approve or Reject; after ``approval_timeout_minutes`` without an answer the answer is Reject.
+      Reject (or the timeout) skips the cutover: the legacy tables stay writable; the report says so.
+    """
+
+    ui_color = "#fff4d6"
+    # Subject and body are built at run time from the audit trail, never from Jinja.
+    template_fields = ()
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(
+            subject="Cut over the users table?",
+            body="Filled in when the task runs, from this pass's audit figures.",
+            defaults=ApprovalOperator.REJECT,
+            response_timeout=dt.timedelta(minutes=Settings.approval_timeout_minutes),
+            **kwargs,
+        )
+
+    def execute(self, context: Any) -> Any:
+        try:
+            settings = Settings.from_params(dict(context["params"]))
+        except ConfigError as exc:
+            raise AirflowFailException(f"invalid setting: {exc}") from None
+        if not settings.cutover:
+            raise AirflowSkipException("cutover not requested (Param cutover=false): nothing to approve")
+        if settings.dry_run:
+            self.log.info("rehearsal (dry_run): it changes nothing, so it needs no approval")
+            return {"approved": True, "decision": "not needed: rehearsal", "by": None, "timed_out": False}
+        if not settings.require_approval:
+            self.log.warning(
+                "cutover approved without asking: the run was triggered with require_approval=false"
+            )
+            return {
+                "approved": True,
+                "decision": "not asked: require_approval=false",
+                "by": None,
+                "timed_out": False,
+            }
+        from user_migration.approval import render_body
+
+        run_id = context["run_id"]
+        figures = self._figures(settings, run_id)
+        self.subject = f"Cut over the users table? Run {run_id}: {figures['migrated']} users, {figures['rejected']} rejected"
+        self.body = render_body(figures, settings.approval_timeout_minutes)
+        self.response_timeout = dt.timedelta(minutes=settings.approval_timeout_minutes)
+        self.log.info(
+            "waiting up to %s min for Approve or Reject (Required actions in the UI, or PATCH "
+            ".../taskInstances/%s/-1/hitlDetails); no answer means Reject",
+            settings.approval_timeout_minutes,
+            self.task_id,
+        )
+        return super().execute(context)
+
+    def _figures(self, settings: Settings, run_id: str) -> dict[str, Any]:
+        from user_migration.approval import cutover_figures
+        from user_migration.hooks import MigrationDbHook
+
+        target_hook = MigrationDbHook(settings.target_conn_id, fallback_conn_id=settings.legacy_conn_id)
+        legacy_hook = MigrationDbHook(settings.legacy_conn_id)
+        try:
+            with (
+                target_hook.get_conn(autocommit=True) as target,
+                legacy_hook.get_conn(autocommit=True) as legacy,
+            ):
+                return cutover_figures(target, run_id, legacy, settings.mapping)
+        except ConnectionProblem as exc:
+            raise AirflowFailException(str(exc)) from None
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        timed_out = bool(event.get("timedout")) or event.get("error_type") == "timeout"
+        answer = super().execute_complete(context=context, event=event)
+        chosen = answer["chosen_options"][0]
+        user = answer.get("responded_by_user") or {}
+        by = user.get("name") if isinstance(user, dict) else getattr(user, "name", None)
+        approved = chosen == ApprovalOperator.APPROVE
+        self.log.info(
+            "cutover %s%s",
+            "approved" if approved else "not approved: the legacy tables stay writable",
+            f" by {by}" if by else (" (no answer before the timeout: default Reject)" if timed_out else ""),
+        )
+        return {"approved": approved, "decision": chosen, "by": by, "timed_out": timed_out and not by}

@@ -69,6 +69,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
         ]
     else:
         lines.append("none")
+    lines += ["", "## Cutover", ""]
+    lines += render_cutover(summary.get("cutover"))
     lines += ["", "## Backup retention", ""]
     lines += render_retention(summary.get("retention"))
     lines += [
@@ -84,6 +86,37 @@ def render_markdown(summary: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+CUTOVER_STATES = {
+    "not_requested": "not requested (Param cutover=false)",
+    "not_approved": "requested but not approved",
+    "rehearsed": "rehearsed (dry run): nothing changed",
+    "not_done": "requested but not done",
+    "active": "done: the new tables are in use",
+    "switching": "legacy side still committing",
+    "abandoned": "abandoned (the legacy side did not commit)",
+    "rolled_back": "done, then rolled back",
+}
+
+
+def render_cutover(cutover: dict[str, Any] | None) -> list[str]:
+    """What became of the cutover in this run, and whether the legacy tables are still writable."""
+    if not cutover:
+        return ["not recorded"]
+    lines = [f"- {CUTOVER_STATES.get(cutover['state'], cutover['state'])}"]
+    if cutover.get("decision"):
+        lines.append(f"- approval: {cutover['decision']}")
+    elif (cutover.get("approval") or {}).get("decision"):
+        approval = cutover["approval"]
+        by = f" by {approval['by']}" if approval.get("by") else ""
+        lines.append(f"- approval: {approval['decision']}{by}")
+    if cutover.get("write_pause_seconds") is not None:
+        lines.append(f"- application writes paused: {cutover['write_pause_seconds']} s")
+    if cutover.get("checksums_equal") is not None:
+        lines.append(f"- checksums equal: {'yes' if cutover['checksums_equal'] else 'NO'}")
+    lines.append(f"- legacy tables: **{cutover.get('legacy_tables', 'unknown')}**")
+    return lines
 
 
 def render_retention(retention: dict[str, Any] | None) -> list[str]:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-NO_RETRY = {"validate", "cutover", "rollback"}
+NO_RETRY = {"validate", "approve_cutover", "cutover", "rollback"}
+CONSUMER = Path(__file__).with_name("user_migration_consumer_example.py")
 HEAVY = ("psycopg", "great_expectations", "pandas", "phonenumbers", "email_validator", "faker")
 
 PROBE = r"""
@@ -28,6 +29,10 @@ for dag_id, dag in bag.dags.items():
         "doc_md": bool(dag.doc_md and len(dag.doc_md) > 200),
         "max_active_runs": dag.max_active_runs,
         "params": {k: {"description": v.description, "schema": v.schema} for k, v in dag.params.items()},
+        "deadline": [
+            {"reference": type(d.reference).__name__, "seconds": d.interval.total_seconds(), "callback": d.callback.path}
+            for d in ([dag.deadline] if dag.deadline and not isinstance(dag.deadline, list) else dag.deadline or [])
+        ],
         "tasks": {
             t.task_id: {
                 "retries": t.retries,
@@ -35,11 +40,20 @@ for dag_id, dag in bag.dags.items():
                 "owner": t.owner,
                 "mapped": type(t).__name__ == "MappedOperator",
                 "downstream": sorted(t.downstream_task_ids),
+                "trigger_rule": getattr(t.trigger_rule, "value", t.trigger_rule),
+                "outlets": sorted(f"{type(o).__name__}:{o.name}" for o in getattr(t, "outlets", None) or []),
+                "type": type(t).__name__,
             }
             for t in dag.tasks
         },
     }
 out["heavy_imported"] = [m for m in sys.argv[2].split(",") if m in sys.modules]
+consumers = DagBag(dag_folder=sys.argv[3])
+out["errors"].update({k: str(v)[-300:] for k, v in consumers.import_errors.items()})
+out["consumers"] = {
+    dag_id: {"schedule": "".join(f"{type(a).__name__}:{a.name}" for a in [dag.timetable.asset_condition])}
+    for dag_id, dag in consumers.dags.items()
+}
 print("PROBE" + json.dumps(out))
 """
 
@@ -58,7 +72,7 @@ def parsed(tmp_path_factory) -> dict:
         "AIRFLOW_CONN_LEGACY_DB": "postgresql://nobody:secret@127.0.0.1:1/none",
     }
     done = subprocess.run(
-        [sys.executable, "-c", PROBE, str(REPO / "dags"), ",".join(HEAVY)],
+        [sys.executable, "-c", PROBE, str(REPO / "dags"), ",".join(HEAVY), str(CONSUMER)],
         env=env,
         capture_output=True,
         text=True,
@@ -81,10 +95,38 @@ def test_parsing_imports_no_driver_or_heavy_library(parsed):
 
 def test_user_migration_wiring_reads_like_the_process(parsed):
     tasks = parsed["dags"]["user_migration"]["tasks"]
-    order = ["backup", "ddl", "plan", "copy", "profiles", "validate", "cutover", "report"]
+    order = ["backup", "ddl", "plan", "copy", "profiles", "validate", "approve_cutover", "cutover", "report"]
     for upstream, downstream in pairwise(order):
-        assert tasks[upstream]["downstream"] == [downstream]
+        if upstream != "validate":
+            assert tasks[upstream]["downstream"] == [downstream]
+    # The report also hangs off validate directly, so it runs after a skipped cutover (not requested,
+    # rejected, timed out) but not after a failed validation, nor when the whole pass was skipped.
+    assert tasks["validate"]["downstream"] == ["approve_cutover", "report"]
+    assert tasks["report"]["trigger_rule"] == "none_failed_min_one_success"
+    assert tasks["cutover"]["trigger_rule"] == "all_success"
     assert tasks["copy"]["mapped"] is True
+
+
+def test_the_cutover_is_gated_by_an_approval_and_assets_come_from_aliases(parsed):
+    tasks = parsed["dags"]["user_migration"]["tasks"]
+    assert tasks["approve_cutover"]["type"] == "CutoverApprovalOperator"
+    assert tasks["cutover"]["outlets"] == ["AssetAlias:user_migration_cutover"]
+    assert tasks["report"]["outlets"] == ["AssetAlias:user_migration_target_users"]
+    params = parsed["dags"]["user_migration"]["params"]
+    assert params["require_approval"]["schema"]["type"] == "boolean"
+    assert params["approval_timeout_minutes"]["schema"]["minimum"] == 1
+
+
+def test_a_pass_has_a_deadline_alert(parsed):
+    (deadline,) = parsed["dags"]["user_migration"]["deadline"]
+    assert deadline["reference"] == "DagRunQueuedAtDeadline"
+    assert deadline["seconds"] == 2 * 3600
+    assert deadline["callback"] == "user_migration.deadline.notify_overdue_pass"
+
+
+def test_the_example_consumer_is_scheduled_on_the_pass_alias(parsed):
+    consumer = parsed["consumers"]["user_migration_consumer_example"]
+    assert consumer["schedule"] == "AssetAlias:user_migration_target_users"
 
 
 def test_every_task_retries_uses_the_pool_and_has_an_owner(parsed):
