@@ -22,6 +22,7 @@ from user_migration.cutover import (
     resolve_pending,
     run_cutover,
 )
+from user_migration.rollback import carry_back
 
 
 @pytest.fixture
@@ -137,20 +138,44 @@ def test_the_rehearsal_runs_the_final_sync_and_leaves_everything_as_it_was(legac
     assert log_rows(legacy)[-1][2:] == (1, "U")
 
 
-def test_the_cutover_applies_the_last_changes_and_removes_the_capture(legacy, backup_dir):
+def test_the_cutover_applies_the_last_changes_and_a_rollback_removes_the_capture(legacy, backup_dir):
     validated_pass(legacy, "pass-1", backup_dir)
     application_writes(legacy)
     result = cutover(legacy, "pass-1")
     assert result["final_sync"]["users"] == 4
     assert migrated(legacy) == expected_target(legacy, dt.date.today())
+
+    def leftovers() -> tuple:
+        with psycopg.connect(legacy) as conn:
+            return (
+                conn.execute("SELECT to_regclass('user_migration_changes') IS NOT NULL").fetchone()[0],
+                conn.execute(
+                    "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'user_migration_cutover%'"
+                ).fetchone()[0],
+                conn.execute(
+                    "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'user_migration_capture%'"
+                ).fetchone()[0],
+            )
+
+    assert leftovers() == (True, 0, 12)  # capture stays, behind the read-only triggers, and logs nothing
     with psycopg.connect(legacy) as conn:
-        assert conn.execute("SELECT to_regclass('user_migration_changes')").fetchone() == (None,)
-        assert conn.execute(
-            "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'user_migration_cutover%' "
-            "OR tgname LIKE 'user_migration_capture%'"
-        ).fetchone() == (0,)
         state, pause = conn.execute("SELECT state, pause_seconds FROM migration_audit.cutovers").fetchone()
+        assert conn.execute("SELECT count(*) FROM user_migration_changes").fetchone() == (0,)
     assert state == "active" and pause == pytest.approx(result["write_pause_seconds"], abs=0.05)
+    with psycopg.connect(legacy, autocommit=True) as conn:
+        carry_back(conn, conn, SETTINGS, "test", "rollback-1")
+    assert leftovers() == (False, 0, 0)
+
+
+def test_a_dry_run_dag_run_rehearses_with_the_real_final_sync(legacy, backup_dir):
+    """The rehearsal of a run whose Params say dry_run still applies the changes (then rolls back)."""
+    validated_pass(legacy, "pass-1", backup_dir)
+    application_writes(legacy)
+    dry = Settings(**{**SETTINGS.__dict__, "dry_run": True})
+    with psycopg.connect(legacy, autocommit=True) as conn:
+        result = run_cutover(conn, conn, dry, "pass-1", dt.date.today(), "test", CutoverOptions(dry_run=True))
+    assert result["final_sync"]["inserted"] == 1 and result["final_sync"]["removed"] == 1
+    assert active_cutover(psycopg.connect(legacy)) is None
 
 
 def test_a_failed_legacy_commit_leaves_no_split_brain(make_db, backup_dir, monkeypatch):
@@ -262,3 +287,21 @@ def test_a_pass_after_nothing_changed_is_covered_by_the_last_backup(legacy, back
         ).fetchone()[0]
     next(Path(folder).glob("account_user.csv.gz")).write_bytes(b"damaged")
     assert covering("pass-5") is None
+
+
+def test_triggers_dropped_altogether_are_not_trusted_after_a_reinstall(legacy, backup_dir):
+    """Every capture trigger dropped (a table reloaded outside the tool), a change made, then a pass
+    whose plan reinstalls them but whose copy never finishes: the next pass must still compare every row."""
+    from user_migration.plan import make_plan
+
+    run_stages(legacy, legacy, SETTINGS, "pass-1", backup_dir)
+    with psycopg.connect(legacy) as conn:
+        for table in ("account_user", "account_user_groups", "account_user_user_permissions"):
+            for event in ("insert", "update", "delete", "truncate"):
+                conn.execute(f"DROP TRIGGER user_migration_capture_{event} ON {table}")
+        conn.execute("UPDATE account_user SET full_name = 'Unlogged' WHERE id = 1")
+    with psycopg.connect(legacy, autocommit=True) as conn:
+        make_plan(conn, conn, SETTINGS, "pass-2", dt.date.today())  # its partitions never run
+    run_stages(legacy, legacy, SETTINGS, "pass-3", backup_dir)
+    assert plan_mode(legacy, "pass-3")[0] == "full"
+    assert migrated(legacy)[1][6] == "Unlogged"

@@ -243,8 +243,15 @@ def prepare(
                     f"{privileges.PASS_SCRIPT} does"
                 )
             return Mode("full", f"change capture unavailable: {why}", installed=False)
-        if state.partly:
-            distrust(target, "a capture trigger was missing or disabled", run_id)
+        # Whatever was there before (nothing, a part, disabled triggers), changes may have gone
+        # unlogged: only a full comparison with the triggers now in place re-arms the log.
+        distrust(
+            target,
+            "a capture trigger was missing or disabled"
+            if state.partly
+            else "change capture was (re)installed",
+            run_id,
+        )
     elif state.truncated:
         distrust(target, "a legacy table was truncated", run_id)
     trusted, reason = trust(target)
@@ -266,12 +273,14 @@ def complete_pass(
     state lacks. TRUNCATE markers seen by the plan are covered by that comparison too.
     """
     row = target.execute(
-        "SELECT changes, capture_markers, partitions -> 0 ->> 'capture' FROM migration_audit.plans "
-        "WHERE run_id = %s",
+        "SELECT p.changes, p.capture_markers, p.partitions -> 0 ->> 'capture', "
+        "jsonb_array_length(p.partitions) = (SELECT count(*) FROM migration_audit.partitions AS d "
+        "WHERE d.run_id = p.run_id AND d.state = 'done') "
+        "FROM migration_audit.plans AS p WHERE p.run_id = %s",
         (run_id,),
     ).fetchone()
-    if row is None or row[2] != "true":
-        return False
+    if row is None or row[2] != "true" or not row[3] or not status(legacy, mapping).installed:
+        return False  # a partition not done (marked success by hand?), or a trigger gone meanwhile
     if row[0] == "full":
         if row[1]:
             consume(legacy, mapping, list(row[1]))

@@ -11,8 +11,8 @@
 5. Apply the last changes in the log, and prove equality incrementally: the sums verified in 3 plus
    what the final sync changed (summed by triggers on the target tables from their transition
    tables), and the legacy count of 3 plus the log's inserts and deletes since.
-6. Make the legacy tables read-only (writes fail naming the new table), drop the capture, record
-   the cutover, commit. The pause is steps 4 to 6, from the lock request (writes queue behind it
+6. Make the legacy tables read-only (writes fail naming the new table), record the cutover,
+   commit. The capture triggers stay (they never fire again) until a rollback drops them. The pause is steps 4 to 6, from the lock request (writes queue behind it
    while it waits for open writes) to the legacy commit: work proportional to the last changes.
 With ``dry_run`` every step runs, then everything is rolled back and the pause is reported.
 
@@ -24,6 +24,7 @@ then the legacy side, then the cutover becomes 'active'. If the legacy commit fa
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import time
 from contextlib import nullcontext
@@ -127,8 +128,14 @@ def resolve_pending(legacy: psycopg.Connection, target: psycopg.Connection, sett
 
 
 def set_legacy_read_only(legacy: psycopg.Connection, settings: Settings, run_id: str | None) -> None:
-    """Install (run_id given) or remove (None) the read-only triggers on every legacy table."""
+    """Install (run_id given) or remove (None) the read-only triggers on every legacy table.
+
+    Making the tables writable again (a rollback) also drops the change capture left in place at the
+    cutover: passes then resume with a full comparison that installs it afresh.
+    """
     function = sql.Identifier(settings.mapping.schema, READ_ONLY_FUNCTION)
+    if run_id is None:
+        capture.remove(legacy, settings.mapping)
     for table in legacy_tables(settings):
         if run_id is None:
             legacy.execute(sql.SQL(read_sql("cutover/make_legacy_writable.sql")).format(table=table))
@@ -163,7 +170,9 @@ def run_cutover(
     options: CutoverOptions,
 ) -> dict[str, Any]:
     """Cut over (or rehearse it); returns what happened. Raises CutoverRefused, changing nothing."""
-    job = _Job(legacy, target, settings, run_id, as_of, cut_by, options)
+    # The rehearsal is options.dry_run (everything rolled back); the sync itself must run for real,
+    # even when the DAG run is a dry run, or it would consume the log without applying it.
+    job = _Job(legacy, target, dataclasses.replace(settings, dry_run=False), run_id, as_of, cut_by, options)
     resolve_pending(legacy, target, settings)
     _check_ready(job)
     for attempt in range(1, options.attempts + 1):
@@ -265,6 +274,11 @@ def _attempt(job: _Job, attempt: int) -> dict[str, Any]:
             entries = legacy.execute(
                 sql.SQL("SELECT seq, source, source_id, op FROM {}").format(capture.log_table(mapping))
             ).fetchall()
+            if any(entry[2] is None for entry in entries):
+                raise CutoverRefused(
+                    "cutover refused: a legacy table was truncated while it ran; nothing was changed. Run a "
+                    "pass (it compares every row), then cut over"
+                )
             final = _apply(job, [e for e in entries if e[2] is not None], f"{job.run_id}:cutover")
             proof = _prove(job, before, _legacy_now(counted, set(seen), entries))
             result = {
@@ -276,7 +290,8 @@ def _attempt(job: _Job, attempt: int) -> dict[str, Any]:
                 **proof,
             }
             if not options.dry_run:
-                capture.remove(legacy, mapping)
+                # The capture triggers stay until a rollback makes the tables writable: dropping them
+                # here would wait for every open read, and the read-only triggers fire before them.
                 set_legacy_read_only(legacy, job.settings, job.run_id)
                 target.execute(read_sql("cutover/untrack_changes.sql"))
                 result["cutover_id"] = _record(job, proof, attempt, result)

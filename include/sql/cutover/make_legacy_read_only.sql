@@ -9,11 +9,11 @@ BEGIN
         HINT = format('write to %s instead', TG_ARGV[0]);
 END
 $fn$;
-DROP TRIGGER IF EXISTS user_migration_read_only ON {table};
-CREATE TRIGGER user_migration_read_only
+-- CREATE OR REPLACE (PostgreSQL 14+), not DROP + CREATE: DROP TRIGGER takes an ACCESS EXCLUSIVE
+-- lock, which under the cutover's EXCLUSIVE lock would wait for every open read of the table.
+CREATE OR REPLACE TRIGGER user_migration_read_only
     BEFORE INSERT OR UPDATE OR DELETE ON {table}
     FOR EACH STATEMENT EXECUTE FUNCTION {function}({target}, {run_id});
-DROP TRIGGER IF EXISTS user_migration_read_only_truncate ON {table};
-CREATE TRIGGER user_migration_read_only_truncate
+CREATE OR REPLACE TRIGGER user_migration_read_only_truncate
     BEFORE TRUNCATE ON {table}
     FOR EACH STATEMENT EXECUTE FUNCTION {function}({target}, {run_id});
