@@ -305,3 +305,32 @@ def test_triggers_dropped_altogether_are_not_trusted_after_a_reinstall(legacy, b
     run_stages(legacy, legacy, SETTINGS, "pass-3", backup_dir)
     assert plan_mode(legacy, "pass-3")[0] == "full"
     assert migrated(legacy)[1][6] == "Unlogged"
+
+
+def test_a_full_comparison_pass_never_counts_as_quiet(legacy, backup_dir):
+    """A pass that compared every row may have run while changes went unlogged: its backup is no
+    proof that nothing changed since, so the next pass takes its own."""
+    from user_migration import audit
+    from user_migration.backup import backup_covering
+
+    for run_id, settings in (
+        ("pass-1", SETTINGS),
+        ("pass-2", SETTINGS),
+        ("pass-3", Settings(**{**SETTINGS.__dict__, "full_reconcile": True})),
+    ):
+        run_stages(legacy, legacy, settings, run_id, backup_dir)
+        with psycopg.connect(legacy, autocommit=True) as conn:
+            audit.finish_run(conn, run_id, "success", {})
+    with psycopg.connect(legacy, autocommit=True) as conn:
+        assert backup_covering(conn, conn, SETTINGS, "pass-4") is None
+
+
+def test_a_link_moved_to_a_user_of_an_earlier_partition_is_kept(legacy, backup_dir):
+    """Link 101 moves from user 27 to user 2: user 2's partition runs first and finds the link still
+    held by user 27; user 27's partition must not then remove it from user 2."""
+    run_stages(legacy, legacy, SETTINGS, "pass-1", backup_dir)
+    with psycopg.connect(legacy) as conn:
+        conn.execute("UPDATE account_user_groups SET user_id = 2 WHERE id = 101")
+    run_stages(legacy, legacy, SETTINGS, "pass-2", backup_dir)
+    assert plan_mode(legacy, "pass-2")[0] == "log"
+    assert (101, 2, 1) in snapshot(legacy)["groups"]

@@ -466,7 +466,7 @@ def _copy(
                 state = 'done', rows_in = %(rows_in)s, transformed = %(read)s, inserted = %(inserted)s, updated = %(updated)s,
                 unchanged = %(unchanged)s, removed = %(removed)s, displaced = %(displaced)s,
                 rejected = %(rejected)s, fixed = %(fixed)s, links_in = %(links_in)s,
-                drift_repaired = %(drift_repaired)s, consumed = %(consumed)s,
+                drift_repaired = %(drift_repaired)s, consumed = coalesce(consumed, 0) + %(consumed)s,
                 finished_at = clock_timestamp(), seconds = %(seconds)s, error = NULL
             WHERE run_id = %(run_id)s AND partition_no = %(partition_no)s
             """,

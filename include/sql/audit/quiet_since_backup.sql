@@ -1,7 +1,9 @@
 -- The newest successful run that wrote a backup, provided that it and every run after it changed
--- nothing: each of their partitions consumed no change-log entry and read the log (consumed is set),
--- and none of them still runs. Then that backup still equals the legacy tables and a new pass may
--- skip its own. Returns (run_id, backup_path) or no row.
+-- nothing: each found its changes in the trusted change log (plans.changes = 'log': a full pass may
+-- have run while changes went unlogged), each of their partitions consumed no change-log entry in
+-- any attempt (consumed adds up over attempts) and changed no user, and none of them still runs.
+-- Then that backup still equals the legacy tables and a new pass may skip its own.
+-- Returns (run_id, backup_path) or no row.
 WITH last_backup AS (
     SELECT run_id, backup_path, started_at
     FROM migration_audit.runs
@@ -21,4 +23,11 @@ WHERE NOT EXISTS (
 AND NOT EXISTS (
     SELECT 1 FROM migration_audit.runs AS r
     WHERE r.started_at >= b.started_at AND r.run_id <> %(run_id)s AND r.state NOT IN ('success', 'skipped_after_cutover')
+)
+AND NOT EXISTS (
+    SELECT 1
+    FROM migration_audit.runs AS r
+    LEFT JOIN migration_audit.plans AS pl ON pl.run_id = r.run_id
+    WHERE r.started_at >= b.started_at AND r.run_id <> %(run_id)s AND r.state = 'success'
+      AND pl.changes IS DISTINCT FROM 'log'
 )
