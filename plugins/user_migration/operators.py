@@ -33,6 +33,8 @@ POOL = "user_migration_db"
 # it waits, and gives up only after this long.
 BACKFILL_LEASE_WAIT = dt.timedelta(hours=24)
 APPROVAL_TASK = "approve_cutover"
+# The XCom key under which the approval task leaves its outcome for the report.
+APPROVAL_KEY = "approval"
 
 
 def pass_date() -> dt.date:
@@ -488,7 +490,11 @@ class MigrationReportOperator(_MigrationOperator):
         tasks' return values; ids, counts, timings and the approver's Airflow user name only.
         """
         ti = context["ti"]
-        approval = ti.xcom_pull(task_ids=APPROVAL_TASK) if settings.cutover else None
+        approval = None
+        if settings.cutover:
+            approval = ti.xcom_pull(task_ids=APPROVAL_TASK, key=APPROVAL_KEY) or ti.xcom_pull(
+                task_ids=APPROVAL_TASK
+            )
         cut = target.execute(
             "SELECT run_id, state, cut_at, pause_seconds, source_checksum, target_checksum "
             "FROM migration_audit.cutovers WHERE run_id = %s ORDER BY id DESC LIMIT 1",
@@ -699,14 +705,18 @@ class CutoverApprovalOperator(ApprovalOperator):
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
         timed_out = bool(event.get("timedout")) or event.get("error_type") == "timeout"
-        answer = super().execute_complete(context=context, event=event)
-        chosen = answer["chosen_options"][0]
-        user = answer.get("responded_by_user") or {}
+        chosen = (event.get("chosen_options") or [ApprovalOperator.REJECT])[0]
+        user = event.get("responded_by_user") or {}
         by = user.get("name") if isinstance(user, dict) else getattr(user, "name", None)
         approved = chosen == ApprovalOperator.APPROVE
+        outcome = {"approved": approved, "decision": chosen, "by": by, "timed_out": timed_out and not by}
         self.log.info(
             "cutover %s%s",
             "approved" if approved else "not approved: the legacy tables stay writable",
             f" by {by}" if by else (" (no answer before the timeout: default Reject)" if timed_out else ""),
         )
-        return {"approved": approved, "decision": chosen, "by": by, "timed_out": timed_out and not by}
+        # Pushed before the provider's execute_complete: on Reject it skips the cutover by raising
+        # DownstreamTasksSkipped, so nothing after it runs and no return value would reach the report.
+        context["ti"].xcom_push(key=APPROVAL_KEY, value=outcome)
+        super().execute_complete(context=context, event=event)
+        return outcome
