@@ -196,7 +196,10 @@ class LegacyBackupOperator(_MigrationOperator):
                 check_legacy_tables(legacy, settings.mapping, settings.legacy_conn_id)
             except MigrationError as exc:
                 raise ConfigError(str(exc)) from None
-            covered = None if settings.full_reconcile else backup_covering(legacy, target, settings, run_id)
+            # A run that may cut over always writes its own backup: retention pins it, and it is the
+            # state a restore returns to (a skipped run's covering backup would not be pinned).
+            skip_allowed = not (settings.full_reconcile or settings.cutover)
+            covered = backup_covering(legacy, target, settings, run_id) if skip_allowed else None
             if covered:
                 audit.set_backup(target, run_id, None, covered)
                 self.log.info("no backup written: %s", covered)

@@ -99,23 +99,23 @@ def carry_back(
         with target.transaction():
             _hold_new_tables(target, settings)
             with nullcontext() if same else legacy.transaction():
-                resumed = not _legacy_read_only(legacy, settings)
-                set_legacy_read_only(legacy, settings, None)
-                carry = _Carrier(legacy, target, settings, cut["id"], rollback_run, resumed)
-                for ids in fetch_batches(
-                    target, "rollback_deleted", sql.SQL(read_sql("rollback/deleted_users.sql")), size=BATCH
-                ):
-                    counts["deleted"] += carry.delete([row[0] for row in ids])
-                changed = sql.SQL(read_sql("rollback/changed_users.sql")).format(
-                    fingerprint=fingerprint_sql()
-                )
-                for rows in fetch_batches(target, "rollback_changed", changed, {"new": False}, BATCH):
-                    counts["updated"] += carry.update([NewUser(*row) for row in rows])
-                for rows in fetch_batches(target, "rollback_new", changed, {"new": True}, BATCH):
-                    counts["inserted"] += carry.insert([NewUser(*row) for row in rows])
-                if counts["inserted"]:
-                    carry.advance_sequence()
-                counts.update(carry.links())
+                if _carried_already(legacy, settings, cut["id"]):
+                    # The legacy side of an earlier attempt committed, and its marker with it: all was
+                    # carried then. Carrying again would overwrite what the application has written to
+                    # the legacy tables since; only the target's side is left to finish. Its per-row
+                    # audit went with the failed target commit: one row says so.
+                    resumed = True
+                    target.execute(
+                        "INSERT INTO migration_audit.rollback_rows (cutover_id, run_id, source_id, action, detail) "
+                        "VALUES (%s, %s, 0, 'resumed', %s) ON CONFLICT DO NOTHING",
+                        (cut["id"], rollback_run, CARRIED_EARLIER),
+                    )
+                else:
+                    resumed = not _legacy_read_only(legacy, settings)
+                    set_legacy_read_only(legacy, settings, None)
+                    carry = _Carrier(legacy, target, settings, cut["id"], rollback_run, resumed)
+                    counts = _carry(carry, target, counts)
+                    _mark_carried(legacy, settings, cut["id"], rollback_run)
             legacy_committed = not same
             if legacy_committed:
                 between_commits()
@@ -138,6 +138,52 @@ def carry_back(
             "and marks the cutover rolled back"
         ) from None
     return {"cutover_id": cut["id"], "cutover_run_id": cut["run_id"], "resumed": resumed, **counts}
+
+
+def _carry(carry: _Carrier, target: psycopg.Connection, counts: dict[str, int]) -> dict[str, int]:
+    """Deletes, then updates, then inserts (keys freed by one are free for the next), then links."""
+    for ids in fetch_batches(
+        target, "rollback_deleted", sql.SQL(read_sql("rollback/deleted_users.sql")), size=BATCH
+    ):
+        counts["deleted"] += carry.delete([row[0] for row in ids])
+    changed = sql.SQL(read_sql("rollback/changed_users.sql")).format(fingerprint=fingerprint_sql())
+    for rows in fetch_batches(target, "rollback_changed", changed, {"new": False}, BATCH):
+        counts["updated"] += carry.update([NewUser(*row) for row in rows])
+    for rows in fetch_batches(target, "rollback_new", changed, {"new": True}, BATCH):
+        counts["inserted"] += carry.insert([NewUser(*row) for row in rows])
+    if counts["inserted"]:
+        carry.advance_sequence()
+    counts.update(carry.links())
+    return counts
+
+
+def _marker_table(settings: Settings) -> sql.Identifier:
+    return sql.Identifier(settings.mapping.schema, "user_migration_rollbacks")
+
+
+def _carried_already(legacy: psycopg.Connection, settings: Settings, cutover_id: int) -> bool:
+    """Whether a carry_back of this cutover has committed its legacy side (see _mark_carried)."""
+    table = _marker_table(settings)
+    if legacy.execute("SELECT to_regclass(%s)", (table.as_string(legacy),)).fetchone()[0] is None:
+        return False
+    return legacy.execute(
+        sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE cutover_id = %s)").format(table), (cutover_id,)
+    ).fetchone()[0]
+
+
+def _mark_carried(legacy: psycopg.Connection, settings: Settings, cutover_id: int, run: str) -> None:
+    """In the legacy transaction: a marker that commits (or not) with everything carried back."""
+    table = _marker_table(settings)
+    legacy.execute(
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {} (cutover_id bigint PRIMARY KEY, run_id text NOT NULL, "
+            "carried_at timestamptz NOT NULL DEFAULT now())"
+        ).format(table)
+    )
+    legacy.execute(
+        sql.SQL("INSERT INTO {} (cutover_id, run_id) VALUES (%s, %s) ON CONFLICT DO NOTHING").format(table),
+        (cutover_id, run),
+    )
 
 
 def _legacy_read_only(legacy: psycopg.Connection, settings: Settings) -> bool:
