@@ -183,7 +183,7 @@ def probe_sql(value: Any) -> str | None:
     words = text.split(None, 1)
     if len(text) > MAX_PROBE_CHARS:
         raise ConfigError(f"throttle_probe_sql is longer than {MAX_PROBE_CHARS} characters; shorten it")
-    if not words or words[0].lower() != "select" or ";" in text or "\x00" in text:
+    if len(words) < 2 or words[0].lower() != "select" or ";" in text or "\x00" in text:
         raise ConfigError(
             "throttle_probe_sql must be a single SELECT statement returning one number "
             "(e.g. SELECT count(*) FROM pg_stat_activity WHERE state = 'active'); "

@@ -419,7 +419,7 @@ def _copy(
                 batch_no = 0
                 waited = throttle.gate(reader.release)  # a pause set before the start holds it too
                 while True:
-                    if snapshot.expired():
+                    if batch_no and snapshot.expired():
                         reader.release()  # the next fetch goes on from the last id, in a new snapshot
                     asked = sizer.size
                     batch_started = time.perf_counter()
