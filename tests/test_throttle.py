@@ -15,14 +15,17 @@ import psycopg
 import pytest
 from fault_tools import assert_fixture_outcome, prepare_run
 from pipeline import run_stages
+from psycopg import sql
 from test_cutover import expected_target, migrated
 from test_faults import RUN, finish_run, nothing_committed, partition_states
 from throttle import set_state, status
 
 from user_migration import partition_copy
 from user_migration.config import ConfigError, Settings
+from user_migration.db import ensure_audit_schema
 from user_migration.errors import MigrationError
 from user_migration.partition_copy import copy_partition
+from user_migration.throttle import Throttle
 
 
 @pytest.fixture
@@ -234,3 +237,58 @@ def test_a_partition_read_in_many_snapshots_ends_exact_with_the_change_log(legac
     assert migrated(legacy) == expected_target(legacy, dt.date.today())
     with psycopg.connect(legacy) as conn:
         assert conn.execute("SELECT count(*) FROM user_migration_changes").fetchone()[0] == 0
+
+
+def test_active_backends_past_the_stop_threshold_stop_the_partition(legacy, backup_dir):
+    """Two application sessions running a statement; the stop threshold is 1."""
+    settings = Settings(partitions=2, throttle_check_ms=0, throttle_active_backends_stop=1)
+    partitions = prepare_run(legacy, legacy, settings, RUN, backup_dir)
+    sessions = [psycopg.connect(legacy, autocommit=True) for _ in range(2)]
+    busy = [threading.Thread(target=s.execute, args=("SELECT pg_sleep(4)",)) for s in sessions]
+    try:
+        for thread in busy:
+            thread.start()
+        wait_until(lambda: len([e for e in active(legacy) if e == "active"]) >= 2)
+        with pytest.raises(MigrationError, match="active_backends is 2, above the threshold 1"):
+            copy_one(legacy, settings, partitions[0])
+    finally:
+        for thread in busy:
+            thread.join()
+        for session in sessions:
+            session.close()
+    assert nothing_committed(legacy, partitions[0])["users"] == 0
+
+
+def active(dsn: str) -> list[str]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return [
+            r[0]
+            for r in conn.execute(
+                "SELECT state FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(4)%%' AND pid <> pg_backend_pid()"
+            ).fetchall()
+        ]
+
+
+def test_a_role_without_pg_monitor_is_told_once_and_the_other_signals_go_on(legacy, pg_server):
+    """No pg_read_all_stats: the replay lag is not read (said once, in the audit); the rest is."""
+    role = "thr_plain"
+    with psycopg.connect(pg_server, autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    params = psycopg.conninfo.conninfo_to_dict(legacy)
+    plain = psycopg.connect(**{**params, "user": role}, autocommit=True)
+    try:
+        with psycopg.connect(legacy, autocommit=True) as target:
+            ensure_audit_schema(target)
+            gate = Throttle(
+                Settings(throttle_check_ms=0, throttle_probe_sql="SELECT 0"), RUN, 0, plain, target
+            )
+            for _ in range(3):
+                assert gate.gate() < 1
+            gate.close()
+        unreadable = [(e[1], e[2]) for e in events(legacy) if e[1] == "unreadable"]
+        assert unreadable == [("unreadable", "active_backends"), ("unreadable", "replay_lag")]
+    finally:
+        plain.close()
+        with psycopg.connect(pg_server, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
