@@ -43,6 +43,8 @@ BACKOFF_MAX = 5.0
 MANUAL_POLL = 1.0
 # How long a custom probe may run; it runs between batches, so it must be cheap.
 PROBE_TIMEOUT_MS = 2000
+# A 'slow' sleep this long or longer ends the legacy snapshot first, as a pause does.
+SLOW_RELEASE_MS = 1000
 # Batch size steps at most this factor up or down per batch: one odd batch does not swing it.
 MAX_STEP = 2.0
 
@@ -185,6 +187,8 @@ class Throttle:
                     release()
                 self._pause(paused_on)
         if self._manual[0] == "slow" and self._manual[1] > 0:
+            if release is not None and self._manual[1] >= SLOW_RELEASE_MS:
+                release()  # a long sleep holds no legacy snapshot either
             time.sleep(self._manual[1] / 1000)
         waited = time.monotonic() - started
         self.waited += waited
