@@ -63,6 +63,119 @@ with DAG(
             maximum=1_000_000,
             description="Rows read, transformed and written per batch inside a partition.",
         ),
+        "batch_seconds": Param(
+            0.75,
+            type="number",
+            minimum=0,
+            maximum=600,
+            description=(
+                "Seconds each batch should take: the batch size adapts to it (between batch_min_rows and "
+                "batch_max_rows), so a loaded legacy server gets smaller batches. 0 keeps batch_size fixed."
+            ),
+        ),
+        "batch_min_rows": Param(
+            100,
+            type="integer",
+            minimum=1,
+            maximum=1_000_000,
+            description="Fewest rows of a time-boxed batch.",
+        ),
+        "batch_max_rows": Param(
+            0,
+            type="integer",
+            minimum=0,
+            maximum=1_000_000,
+            description="Most rows of a time-boxed batch; 0 means ten times batch_size.",
+        ),
+        "max_snapshot_seconds": Param(
+            120,
+            type="number",
+            minimum=0,
+            maximum=86_400,
+            description=(
+                "After this long a partition ends its legacy read snapshot (which holds back vacuum on the "
+                "legacy tables) and reads on from the last id in a new one; its target transaction stays one."
+            ),
+        ),
+        "throttle_check_ms": Param(
+            1000,
+            type="integer",
+            minimum=0,
+            maximum=600_000,
+            description=(
+                "How often, at most, a partition reads the manual throttle (tools/throttle.py) and the "
+                "legacy server's state between batches."
+            ),
+        ),
+        "throttle_active_backends_pause": Param(
+            64,
+            type="integer",
+            minimum=0,
+            description="Pause between batches while more legacy backends than this run a statement (0: off).",
+        ),
+        "throttle_active_backends_stop": Param(
+            256,
+            type="integer",
+            minimum=0,
+            description="Stop the partition (retried later) above this many active legacy backends (0: off).",
+        ),
+        "throttle_lock_waiters_pause": Param(
+            10,
+            type="integer",
+            minimum=0,
+            description="Pause between batches while more legacy backends than this wait on a lock (0: off).",
+        ),
+        "throttle_lock_waiters_stop": Param(
+            100,
+            type="integer",
+            minimum=0,
+            description="Stop the partition (retried later) above this many legacy lock waiters (0: off).",
+        ),
+        "throttle_replay_lag_pause": Param(
+            30,
+            type="number",
+            minimum=0,
+            description=(
+                "Pause while a legacy standby's replay lag exceeds this many seconds (0: off). Needs "
+                "pg_monitor (pg_read_all_stats) for the migration role; without it the lag is not checked."
+            ),
+        ),
+        "throttle_replay_lag_stop": Param(
+            600,
+            type="number",
+            minimum=0,
+            description="Stop the partition (retried later) above this replay lag in seconds (0: off).",
+        ),
+        "throttle_probe_sql": Param(
+            None,
+            type=["null", "string"],
+            description=(
+                "Optional custom probe: one SELECT returning one number, run read-only on the legacy "
+                "server between batches (2 s timeout); compared with throttle_probe_pause and _stop."
+            ),
+        ),
+        "throttle_probe_pause": Param(
+            1,
+            type="number",
+            minimum=0,
+            description="Pause while the custom probe returns more than this (0: off).",
+        ),
+        "throttle_probe_stop": Param(
+            100,
+            type="number",
+            minimum=0,
+            description="Stop the partition (retried later) when the custom probe returns more than this (0: off).",
+        ),
+        "throttle_max_pause_seconds": Param(
+            1800,
+            type="integer",
+            minimum=0,
+            maximum=604_800,
+            description=(
+                "A partition paused by the legacy server's state longer than this stops and is retried, "
+                "giving back its target transaction (0: wait as long as it takes). A pause by hand waits."
+            ),
+        ),
         "partitions": Param(
             2,
             type="integer",

@@ -124,7 +124,7 @@ CHILD = textwrap.dedent(
 
 def test_sigkill_mid_partition_commits_nothing_and_the_rerun_is_exact(legacy, backup_dir, tmp_path):
     """The copy process dies with SIGKILL after its second batch (of five) of partition 0."""
-    settings = Settings(partitions=2, batch_size=3)
+    settings = Settings(partitions=2, batch_size=3, batch_seconds=0)  # fixed batches of 3 rows
     partitions = prepare_run(legacy, legacy, settings, RUN, backup_dir)
     victim = partitions[0]
     assert (victim["lo"], victim["hi"]) == (1, 15)  # 15 legacy rows: batches 0..4 of 3 rows

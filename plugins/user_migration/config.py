@@ -50,6 +50,8 @@ OPTIONAL_FIELD_DEFAULTS: dict[str, Any] = {
     "is_active": True,
 }
 MAX_BATCH_SIZE = 1_000_000
+# A throttle probe (Param throttle_probe_sql) is one SELECT; longer text is more likely a mistake.
+MAX_PROBE_CHARS = 2_000
 MAX_PARTITIONS = 256
 PG_IDENTIFIER_MAX_BYTES = 63
 
@@ -166,6 +168,30 @@ def load_mapping(overrides: dict[str, Any] | None = None) -> LegacyMapping:
     )
 
 
+def probe_sql(value: Any) -> str | None:
+    """The throttle probe as given, when it is one SELECT; None when empty.
+
+    It runs on the legacy server between batches, in a read-only transaction with a statement
+    timeout. Anything but a single SELECT is refused here, before the run starts: a probe that
+    writes, or runs two statements, is a mistake (or worse) the throttle must not carry out.
+    """
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"throttle_probe_sql must be a SELECT returning one number, got {value!r}")
+    text = value.strip().rstrip(";").strip()
+    words = text.split(None, 1)
+    if len(text) > MAX_PROBE_CHARS:
+        raise ConfigError(f"throttle_probe_sql is longer than {MAX_PROBE_CHARS} characters; shorten it")
+    if len(words) < 2 or words[0].lower() != "select" or ";" in text or "\x00" in text:
+        raise ConfigError(
+            "throttle_probe_sql must be a single SELECT statement returning one number "
+            "(e.g. SELECT count(*) FROM pg_stat_activity WHERE state = 'active'); "
+            "other statements and several statements are refused"
+        )
+    return text
+
+
 @dataclass(frozen=True)
 class Settings:
     """One run's settings, checked; built from the DAG's Params."""
@@ -193,6 +219,29 @@ class Settings:
     # weekend, still has the backup taken before it. At 10M users (~1 GB a backup) that is ~190 GB.
     backup_keep: int = 24
     backup_keep_days: int = 7
+    # Yielding to the application (throttle.py). Batches aim at batch_seconds each (0: a fixed
+    # batch_size), between batch_min_rows and batch_max_rows (0: ten times batch_size).
+    batch_seconds: float = 0.75
+    batch_min_rows: int = 100
+    batch_max_rows: int = 0
+    # A partition's legacy read ends its snapshot after this long and goes on in a new one, so it
+    # does not hold back vacuum on the legacy tables for the whole partition.
+    max_snapshot_seconds: float = 120.0
+    # The legacy server's state is read at most this often (a check costs ~1 ms: <1% of a batch).
+    throttle_check_ms: int = 1000
+    # Pause above the first figure, stop the partition (retryable) above the second; 0 turns it off.
+    throttle_active_backends_pause: int = 64
+    throttle_active_backends_stop: int = 256
+    throttle_lock_waiters_pause: int = 10
+    throttle_lock_waiters_stop: int = 100
+    throttle_replay_lag_pause: float = 30.0
+    throttle_replay_lag_stop: float = 600.0
+    throttle_probe_sql: str | None = None
+    throttle_probe_pause: float = 1.0
+    throttle_probe_stop: float = 100.0
+    # A partition paused by the server's state longer than this stops (retryable) and gives back
+    # its target transaction; 0 waits as long as it takes. A pause set by hand waits indefinitely.
+    throttle_max_pause_seconds: int = 1800
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> Settings:
@@ -224,6 +273,12 @@ class Settings:
                     f"{where} must be a whole number from 0 to {high} (0 turns that rule off), got {value!r}"
                 )
             return value
+
+        def number(name: str, low: float, high: float) -> float:
+            value = params.get(name, getattr(cls, name))
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ConfigError(f"{name} must be a number from {low:g} to {high:g}, got {value!r}")
+            return float(value)
 
         region = str(params.get("phone_region", cls.phone_region) or "").upper()
         import phonenumbers
@@ -262,10 +317,31 @@ class Settings:
             backup_keep=retention("backup_keep", BACKUP_KEEP_ENV, MAX_BACKUP_KEEP),
             backup_keep_days=retention("backup_keep_days", BACKUP_KEEP_DAYS_ENV, MAX_BACKUP_KEEP_DAYS),
             max_reject_ratio=float(ratio),
+            batch_seconds=number("batch_seconds", 0, 600),
+            batch_min_rows=integer("batch_min_rows", 1, MAX_BATCH_SIZE),
+            batch_max_rows=integer("batch_max_rows", 0, MAX_BATCH_SIZE),
+            max_snapshot_seconds=number("max_snapshot_seconds", 0, 86_400),
+            throttle_check_ms=integer("throttle_check_ms", 0, 600_000),
+            throttle_active_backends_pause=integer("throttle_active_backends_pause", 0, 1_000_000),
+            throttle_active_backends_stop=integer("throttle_active_backends_stop", 0, 1_000_000),
+            throttle_lock_waiters_pause=integer("throttle_lock_waiters_pause", 0, 1_000_000),
+            throttle_lock_waiters_stop=integer("throttle_lock_waiters_stop", 0, 1_000_000),
+            throttle_replay_lag_pause=number("throttle_replay_lag_pause", 0, 86_400),
+            throttle_replay_lag_stop=number("throttle_replay_lag_stop", 0, 86_400),
+            throttle_probe_sql=probe_sql(params.get("throttle_probe_sql")),
+            throttle_probe_pause=number("throttle_probe_pause", 0, 1e12),
+            throttle_probe_stop=number("throttle_probe_stop", 0, 1e12),
+            throttle_max_pause_seconds=integer("throttle_max_pause_seconds", 0, 604_800),
             legacy_conn_id=_identifier(params.get("legacy_conn_id", cls.legacy_conn_id), "legacy_conn_id"),
             target_conn_id=_identifier(params.get("target_conn_id", cls.target_conn_id), "target_conn_id"),
             mapping=load_mapping(params.get("legacy_mapping") or None),
         )
+
+    def batch_bounds(self) -> tuple[int, int]:
+        """(fewest, most) rows a time-boxed batch may hold; batch_size lies between them."""
+        most = self.batch_max_rows or min(self.batch_size * 10, MAX_BATCH_SIZE)
+        most = max(most, self.batch_size)
+        return min(self.batch_min_rows, self.batch_size), most
 
     def public(self) -> dict[str, Any]:
         """The settings as recorded in the audit trail and report (no secrets in here)."""

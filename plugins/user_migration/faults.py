@@ -50,3 +50,11 @@ def between_commits() -> None:
     Does nothing; the tests put a fault here (a terminated target session) to prove that a retry
     finishes a half-done rollback.
     """
+
+
+def batch_read(batch_no: int, rows: list[tuple]) -> None:
+    """A seam right after a batch of legacy rows is fetched, inside the batch's measured time.
+
+    Does nothing; the tests slow the legacy server here (a pg_sleep per row) to watch the
+    time-boxed batch size adapt.
+    """

@@ -296,7 +296,7 @@ class PartitionCopyOperator(_MigrationOperator):
         self.log.info(
             "partition %s (ids %s..%s, %s path): %s rows in %s batches, %s migrated (%s new, %s updated, "
             "%s unchanged), %s removed, %s key holders updated in place, %s rejected %s, %s fixes, "
-            "%s drifted ids repaired, %.1f s",
+            "%s drifted ids repaired, %.1f s (%s legacy snapshots, %.1f s held by the throttle)",
             result.partition_no,
             result.lo,
             result.hi,
@@ -314,6 +314,8 @@ class PartitionCopyOperator(_MigrationOperator):
             result.fixed,
             result.drift_repaired,
             result.seconds,
+            result.snapshots,
+            result.throttled_seconds,
         )
         return summary
 

@@ -16,7 +16,9 @@ Three paths:
   rule, mapping) takes the full merge instead: every row is transformed again. Ids where the
   state and the target disagree (drift: a target row deleted by hand, a displaced holder, a row
   the state does not know) are re-processed too, so drift is repaired rather than stuck.
-Memory stays bounded by ``batch_size``: rows are read with server-side cursors.
+Memory stays bounded by the batch size: rows are read with server-side cursors. The batch loop
+yields to the application (throttle.py): time-boxed batches, a throttle between batches, and a
+legacy snapshot renewed after max_snapshot_seconds (the target transaction stays one).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import time
-from collections.abc import Container, Iterable, Iterator
+from collections.abc import Container, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,14 +39,14 @@ from user_migration.config import FIELDS, LegacyMapping, LinkTable, Settings
 from user_migration.db import (
     MigrationError,
     copy_batches,
-    fetch_batches,
     legacy_select_list,
     read_sql,
     safe_error,
     users_table,
 )
-from user_migration.faults import kill_after_batch
+from user_migration.faults import batch_read, kill_after_batch
 from user_migration.lease import hold as hold_lease
+from user_migration.throttle import BatchSizer, Snapshot, Throttle
 from user_migration.transforms import (
     DUPLICATE_EMAIL,
     DUPLICATE_USERNAME,
@@ -99,6 +101,9 @@ class PartitionResult:
     links_removed: int = 0
     batches: int = 0
     seconds: float = 0.0
+    # Legacy snapshots the rows were read in (max_snapshot_seconds), and seconds the throttle held it.
+    snapshots: int = 1
+    throttled_seconds: float = 0.0
     path: str = ""
     # Why a range with sync state took the full merge path instead of the delta.
     full_because: str = ""
@@ -207,16 +212,18 @@ def copy_partition(
         partition = {**partition, "lease_run_id": lease_run_id}
     if own_snapshot:
         _mark(target, run_id, partition, "running", None)
+    # Under the cutover's lock (own_snapshot=False) nothing yields: the application waits for it.
+    throttle = Throttle(settings, run_id, partition["partition_no"], source, target, enabled=own_snapshot)
     try:
         try:
-            result = _copy(source, target, settings, run_id, partition, own_snapshot)
+            result = _copy(source, target, settings, run_id, partition, own_snapshot, throttle)
         except psycopg.errors.UniqueViolation:
             if not partition.get("initial_load") or not own_snapshot:
                 raise
             # A legacy row changed after the plan; the plain load cannot settle that, the merge can.
             _rollback(source, target)
             result = _copy(
-                source, target, settings, run_id, {**partition, "initial_load": False}, own_snapshot
+                source, target, settings, run_id, {**partition, "initial_load": False}, own_snapshot, throttle
             )
     except Exception as exc:
         if not own_snapshot:
@@ -229,6 +236,8 @@ def copy_partition(
             f"partition {partition['partition_no']} (ids {partition['lo']}..{partition['hi']}) failed: {reason}. "
             "Nothing of this attempt was kept; a retry starts the partition again"
         ) from None
+    finally:
+        throttle.close()
     if own_snapshot:
         # After the target's commit: a crash before this line leaves the entries to be applied again.
         capture.consume(source, settings.mapping, result.consumed)
@@ -282,6 +291,7 @@ def _copy(
     run_id: str,
     partition: dict[str, Any],
     own_snapshot: bool,
+    throttle: Throttle,
 ) -> PartitionResult:
     started = time.perf_counter()
     lo, hi, no = partition["lo"], partition["hi"], partition["partition_no"]
@@ -368,6 +378,7 @@ def _copy(
         with source.transaction():
             if own_snapshot:
                 source.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            snapshot = Snapshot(source, own_snapshot, settings.max_snapshot_seconds)
             deleted: list[int] = []
             process: list[int] | None = None
             log_ids: list[int] = []
@@ -396,16 +407,26 @@ def _copy(
             elif result.path == "changes":
                 process, deleted = _split_changes(source, target, mapping, partition["ids"])
                 result.rows_in = len(process)
+            reader: _RangeReader | _IdReader
             if process is not None:
-                batches = _rows_by_id(source, select, id_column, process, settings.batch_size)
+                reader = _IdReader(source, snapshot, select, id_column, process)
             else:
-                batches = _rows_in_range(source, select, id_column, lo, hi, settings.batch_size, no)
+                reader = _RangeReader(source, snapshot, select, id_column, (lo, hi), f"partition_{no}")
             rejected_ids: list[int] = []
             claims = Claims() if result.path == "changes" else None
+            sizer = BatchSizer(settings, adaptive=own_snapshot)
             with target.cursor() as out:
                 batch_no = 0
-                for rows in batches:
+                waited = throttle.gate(reader.release)  # a pause set before the start holds it too
+                while True:
+                    if batch_no and snapshot.expired():
+                        reader.release()  # the next fetch goes on from the last id, in a new snapshot
+                    asked = sizer.size
                     batch_started = time.perf_counter()
+                    rows = reader.fetch(asked)
+                    if not rows:
+                        break
+                    batch_read(batch_no, rows)
                     # The plan's losers of this batch only (rows come in id order): memory stays
                     # bounded by the batch, however many duplicates the partition holds.
                     losers = _losers(target, run_id, rows[0][0], rows[-1][0])
@@ -415,9 +436,11 @@ def _copy(
                     if result.path in MERGING:
                         rejected_ids += batch.rejected_ids
                     _write_batch(out, batch, users_copy, stamps, result.path, (run_id, transform_settings))
+                    seconds = time.perf_counter() - batch_started
                     out.execute(
                         "INSERT INTO migration_audit.batches (run_id, partition_no, batch_no, first_id, last_id, "
-                        "rows_in, rows_ok, rejected, seconds) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                        "rows_in, rows_ok, rejected, seconds, target_rows, snapshot_no, waited_seconds) "
+                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                         (
                             run_id,
                             no,
@@ -427,13 +450,22 @@ def _copy(
                             len(rows),
                             len(batch.good),
                             len(batch.rejects),
-                            time.perf_counter() - batch_started,
+                            seconds,
+                            asked,
+                            snapshot.number,
+                            round(waited, 3),
                         ),
                     )
+                    sizer.record(len(rows), seconds)
                     kill_after_batch(batch_no)
                     batch_no += 1
                     result.read += len(rows)
+                    waited = throttle.gate(reader.release)
                 result.batches = batch_no
+            reader.close()
+            snapshot.ensure()  # the merge and the links read on in the last snapshot
+            result.snapshots = snapshot.number
+            result.throttled_seconds = round(throttle.waited, 3)
             if process is None:
                 result.rows_in = result.read
 
@@ -467,6 +499,7 @@ def _copy(
                 unchanged = %(unchanged)s, removed = %(removed)s, displaced = %(displaced)s,
                 rejected = %(rejected)s, fixed = %(fixed)s, links_in = %(links_in)s,
                 drift_repaired = %(drift_repaired)s, consumed = coalesce(consumed, 0) + %(consumed)s,
+                snapshots = %(snapshots)s,
                 finished_at = clock_timestamp(), seconds = %(seconds)s, error = NULL
             WHERE run_id = %(run_id)s AND partition_no = %(partition_no)s
             """,
@@ -508,31 +541,88 @@ def _losers(target: psycopg.Connection, run_id: str, lo: int, hi: int) -> dict[i
     }
 
 
-def _rows_in_range(
-    source: psycopg.Connection,
-    select: sql.Composed,
-    id_column: sql.Identifier,
-    lo: int,
-    hi: int,
-    batch_size: int,
-    no: int,
-) -> Iterator[list[tuple]]:
-    query = sql.SQL("{} WHERE {} BETWEEN %s AND %s ORDER BY {}").format(select, id_column, id_column)
-    yield from fetch_batches(source, f"partition_{no}", query, (lo, hi), batch_size)
+class _RangeReader:
+    """The rows of ids lo..hi in id order, through a named cursor, resumable in a new snapshot.
 
+    ``release`` closes the cursor and ends the snapshot; the next fetch opens a new one from the id
+    after the last row read. Rows changed in the ids already read after the first snapshot are in
+    the change log (the partition consumes only the entries its first snapshot saw), so the next
+    pass writes them; a row read in a later snapshot is only fresher.
+    """
 
-def _rows_by_id(
-    source: psycopg.Connection,
-    select: sql.Composed,
-    id_column: sql.Identifier,
-    ids: list[int],
-    batch_size: int,
-) -> Iterator[list[tuple]]:
-    query = sql.SQL("{} WHERE {} = ANY(%s) ORDER BY {}").format(select, id_column, id_column)
-    for start in range(0, len(ids), batch_size):
-        rows = source.execute(query, (ids[start : start + batch_size],)).fetchall()
+    def __init__(
+        self,
+        source: psycopg.Connection,
+        snapshot: Snapshot,
+        select: sql.Composed,
+        id_column: sql.Identifier,
+        bounds: tuple[int, int],
+        name: str,
+    ) -> None:
+        self.source, self.snapshot, self.name = source, snapshot, name
+        self.query = sql.SQL("{} WHERE {} BETWEEN %s AND %s ORDER BY {}").format(select, id_column, id_column)
+        self.next_id, self.hi = bounds
+        self.cursor: psycopg.ServerCursor | None = None
+
+    def fetch(self, size: int) -> list[tuple]:
+        if self.next_id > self.hi:
+            return []
+        if self.cursor is None:
+            self.snapshot.ensure()
+            self.cursor = self.source.cursor(name=self.name)
+            self.cursor.execute(self.query, (self.next_id, self.hi))
+        rows = self.cursor.fetchmany(size)
         if rows:
-            yield rows
+            self.next_id = rows[-1][0] + 1
+        else:
+            self.next_id = self.hi + 1
+        return rows
+
+    def release(self) -> None:
+        self.close()
+        self.snapshot.end()
+
+    def close(self) -> None:
+        if self.cursor is not None:
+            self.cursor.close()
+            self.cursor = None
+
+
+class _IdReader:
+    """The rows of the listed ids in id order, a batch of ids per query; any batch in a new snapshot.
+
+    The ids were chosen in the first snapshot. A row deleted before a later snapshot reads it is
+    neither written nor removed by this pass: its change-log entry (or, without the log, its hash
+    against the sync state) makes the next pass remove it.
+    """
+
+    def __init__(
+        self,
+        source: psycopg.Connection,
+        snapshot: Snapshot,
+        select: sql.Composed,
+        id_column: sql.Identifier,
+        ids: list[int],
+    ) -> None:
+        self.source, self.snapshot, self.ids = source, snapshot, ids
+        self.query = sql.SQL("{} WHERE {} = ANY(%s) ORDER BY {}").format(select, id_column, id_column)
+        self.position = 0
+
+    def fetch(self, size: int) -> list[tuple]:
+        while self.position < len(self.ids):
+            chunk = self.ids[self.position : self.position + size]
+            self.position += size
+            self.snapshot.ensure()
+            rows = self.source.execute(self.query, (chunk,)).fetchall()
+            if rows:
+                return rows
+        return []
+
+    def release(self) -> None:
+        self.snapshot.end()
+
+    def close(self) -> None:
+        """Nothing stays open between fetches."""
 
 
 def _delta(

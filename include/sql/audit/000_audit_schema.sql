@@ -262,3 +262,40 @@ CREATE TABLE IF NOT EXISTS migration_audit.backup_deletions (
 ALTER TABLE migration_audit.partitions ADD COLUMN IF NOT EXISTS consumed bigint NULL;
 -- Why a run wrote no backup of its own (the backup that covers it is named there).
 ALTER TABLE migration_audit.runs ADD COLUMN IF NOT EXISTS backup_note text NULL;
+
+-- Yielding to the application (throttle.py). Each batch's size asked for (time-boxed batches adapt
+-- it), the legacy snapshot it was read in (a partition renews its snapshot after
+-- max_snapshot_seconds), and how long the throttle held the partition before the batch was read.
+ALTER TABLE migration_audit.batches ADD COLUMN IF NOT EXISTS target_rows integer NULL;
+ALTER TABLE migration_audit.batches ADD COLUMN IF NOT EXISTS snapshot_no integer NULL;
+ALTER TABLE migration_audit.batches ADD COLUMN IF NOT EXISTS waited_seconds double precision NULL;
+-- How many legacy snapshots the partition read in (1: one, as before max_snapshot_seconds).
+ALTER TABLE migration_audit.partitions ADD COLUMN IF NOT EXISTS snapshots integer NULL;
+
+-- Throttle by hand: one row per target database, read between batches by every running partition
+-- from a connection of its own (never inside the partition's transaction). state 'run' goes on,
+-- 'pause' waits between batches until the state changes, 'slow' sleeps sleep_ms between batches.
+-- Set it with tools/throttle.py or the SQL in include/sql/throttle/set_state.sql.
+CREATE TABLE IF NOT EXISTS migration_audit.throttle (
+    target    text PRIMARY KEY DEFAULT 'target',
+    state     text NOT NULL DEFAULT 'run' CHECK (state IN ('run', 'pause', 'slow')),
+    sleep_ms  integer NOT NULL DEFAULT 0 CHECK (sleep_ms BETWEEN 0 AND 600000),
+    set_by    text NULL,
+    set_at    timestamptz NOT NULL DEFAULT now()
+);
+
+-- What the throttle did: manual state changes seen, pauses and stops on the legacy server's
+-- signals (the signal, its value, the threshold), signals that could not be read, snapshot renewals.
+-- Written from the throttle's own connection, so it stays when the partition rolls back.
+CREATE TABLE IF NOT EXISTS migration_audit.throttle_events (
+    id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    run_id        text NOT NULL,
+    partition_no  integer NOT NULL,
+    event         text NOT NULL,
+    signal        text NULL,
+    value         double precision NULL,
+    threshold     double precision NULL,
+    detail        text NULL,
+    at            timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX IF NOT EXISTS throttle_events_run_idx ON migration_audit.throttle_events (run_id, partition_no);
