@@ -32,9 +32,8 @@ from user_migration.config import LegacyMapping, Settings
 from user_migration.db import MigrationError
 
 MANIFEST = "manifest.json"
-# ISA-L's deflate (python-isal) writes the same gzip format as zlib, about 5x faster: on 160 MB of
-# the benchmark's CSV, one core compressed 418 MB/s at ISA-L's level 2 (of 0-3, its default) to
-# 75 MB, against 82 MB/s to 78 MB for zlib's level 1.
+# ISA-L's deflate (python-isal): the same gzip format as zlib, several times faster; level 2 of 0-3
+# is its default (docs/decisions/0004-backup-isal-deflate-and-libpq-copy.md).
 GZIP_LEVEL = 2
 WRITE_CHUNK = 4 << 20  # bytes of CSV per gzip member
 COMPRESS_THREADS = max(2, min(4, os.cpu_count() or 2))
@@ -135,12 +134,11 @@ def _copy_out(
 ) -> int:
     """Run ``COPY ... TO STDOUT``, handing its data to ``on_chunk`` about WRITE_CHUNK bytes at a time.
 
-    Returns the rows copied. COPY sends one message per row, and psycopg's Copy object returns each
-    through its generator machinery: reading the bench's three tables (1.65M rows) cost 1.1-1.2
-    CPU-s in Python that way, the backup's bottleneck, against 0.6 CPU-s calling libpq's
-    PQgetCopyData in non-blocking mode through psycopg.pq, psycopg's documented libpq wrapper. The
-    waits are in poll(), so a task being stopped interrupts them; an interrupted COPY is cancelled
-    and drained, leaving the connection usable for its rollback.
+    Returns the rows copied. It calls libpq's PQgetCopyData in non-blocking mode through psycopg.pq
+    rather than psycopg's per-row Copy iterator, which was the backup's bottleneck
+    (docs/decisions/0004-backup-isal-deflate-and-libpq-copy.md). The waits are in poll(), so a task
+    being stopped interrupts them; an interrupted COPY is cancelled and drained, leaving the
+    connection usable for its rollback.
     """
     pgconn = conn.pgconn
     poller = select.poll()

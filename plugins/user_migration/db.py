@@ -1,7 +1,7 @@
 """psycopg 3 helpers shared by every stage: connecting with clear errors, SQL files, safe errors.
 
-psycopg 3 is the one driver of this project (the postgres provider hands out psycopg 3 connections
-too, with SQLAlchemy 2 and psycopg installed); nothing here imports Airflow.
+psycopg 3 is the one driver of this project (docs/decisions/0008-one-driver-psycopg3-and-own-hook.md);
+nothing here imports Airflow.
 """
 
 from __future__ import annotations

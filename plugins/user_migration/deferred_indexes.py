@@ -1,9 +1,7 @@
 """A first load into an empty account_newuser runs without the table's secondary indexes.
 
-Keeping three unique btrees on random strings up to date row by row is most of what a first load
-costs the server: for 1M users, INSERT ... SELECT into the indexed table took 22.9 s here, against
-3.3 s into the table with its primary key only plus 5.8 s to build the four indexes afterwards.
-So the plan of a first load drops them (recording their definitions in
+Keeping three unique btrees up to date row by row is most of what a first load costs the server
+(docs/decisions/0002-deferred-indexes-on-first-load.md). So the plan of a first load drops them (recording their definitions in
 migration_audit.deferred_indexes, in the plan's transaction), the partitions load, and the
 finalize step builds them again before profiles and validation. The primary key stays, so retried
 partitions are still idempotent.

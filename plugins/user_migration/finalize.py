@@ -38,9 +38,8 @@ def init_profiles(
     without it the sequences only pass the ids in the target.
 
     The first fill of an empty account_profile runs without its foreign keys and adds them back
-    before the commit: a deferred FK queues one check per row, each locking the user row it
-    references (for 1M profiles here: 4.0 s insert + 9.0 s of checks at commit, against 4.6 s +
-    1.1 s for re-adding the key, which PostgreSQL validates with one join). Later passes add a few
+    before the commit: one join to validate instead of one check per row
+    (docs/decisions/0005-profiles-without-foreign-key-on-first-fill.md). Later passes add a few
     profiles and keep the keys. The table is locked for the transaction either way; if anything
     fails the rollback restores the keys with the rest.
     """
@@ -171,11 +170,9 @@ def finalize_target(
 def vacuum_analyze(target: psycopg.Connection) -> float:
     """VACUUM (ANALYZE) the loaded tables: planner statistics and the visibility map; returns seconds.
 
-    Freshly loaded tables have neither until autovacuum gets to them, and the validation's checks
-    then either misjudge their aggregates (no statistics: 14.9 s for 1M users) or, with statistics
-    alone, choose index-only scans that must still visit every heap page (17.5 s); after a
-    VACUUM (ANALYZE) they took 9.8 s here. The application's first queries after the cutover profit
-    alike. VACUUM skips pages already all-visible, so later passes pay only for what they changed.
+    Freshly loaded tables have neither until autovacuum gets to them, which makes the validation's
+    checks and the application's first queries slow (docs/decisions/0006-vacuum-analyze-after-the-load.md).
+    VACUUM skips pages already all-visible, so later passes pay only for what they changed.
     It cannot run inside a transaction: the connection is put in autocommit mode for it.
     """
     started = time.perf_counter()

@@ -1,4 +1,9 @@
-"""A hook that turns an Airflow connection id into psycopg 3 connections and a SQLAlchemy URL."""
+"""A hook that turns an Airflow connection id into psycopg 3 connections and a SQLAlchemy URL.
+
+Written for this project rather than the postgres provider's PostgresHook: it falls back to the
+legacy connection, filters libpq extras and names the connection in its errors
+(docs/decisions/0008-one-driver-psycopg3-and-own-hook.md).
+"""
 
 from __future__ import annotations
 

@@ -83,11 +83,10 @@ def partition_ranges(
 class DuplicateLedger:
     """Who first claimed each email key and username, and who lost to them: on disk, not in memory.
 
-    The rule is sequential (a loser claims nothing, so whether a later row loses depends on every
-    earlier decision), and the candidates grow with the table: held in dicts they took the plan's
-    memory from 65 MB at 1M bench users to 125 MB at 10M. Here they live in a private SQLite file
-    (folder 0700, deleted on close; it holds emails and usernames) and are looked up once per batch,
-    so memory stays the size of one batch.
+    The rule is sequential (a loser claims nothing), and the candidates grow with the table, so they
+    live in a private SQLite file (folder 0700, deleted on close; it holds emails and usernames),
+    looked up once per batch: memory stays the size of one batch
+    (docs/decisions/0003-duplicate-ledger-in-sqlite.md).
     """
 
     def __init__(self) -> None:

@@ -11,10 +11,8 @@ a window count), so nothing is pulled into pandas however large the tables are.
 
 Every check runs on a *table* asset, one batch and one suite per table. The checks that need SQL of
 their own (case-insensitive email, missing profiles, dangling link rows) are UnexpectedRowsExpectations
-rather than query assets: GX 1.24 learns a query asset's columns by executing the whole query and
-letting the driver buffer every row (psycopg 3 cursors are client-side), which at 2 million users
-cost ~3.7 s and ~110 MB per run; an UnexpectedRowsExpectation (here a subclass that asks only for
-the count, see ``_row_count_only``) transfers one number.
+that ask only for the count (``_row_count_only``), not query assets, which GX reads whole
+(docs/decisions/0007-gx-count-only-sql-checks.md).
 
 Nothing here imports Airflow, and great_expectations (slow to import) is imported only when
 ``validate_target`` runs, so importing this module stays cheap for DAG parsing.
@@ -146,7 +144,7 @@ def _row_count_only(gxe: Any) -> type:
     """GX's UnexpectedRowsExpectation, asking GX for the number of offending rows only.
 
     The stock expectation depends on two metrics, the offending rows themselves and their count,
-    and GX runs the query once for each: at 1M users that was 1.7 s of the checks' 4.9 s of SQL.
+    and GX runs the query once for each (docs/decisions/0007-gx-count-only-sql-checks.md).
     The outcome uses only the count (rows would be personal data in a report anyway), so this
     subclass drops the rows metric. Subclassing UnexpectedRowsExpectation is how GX's docs build
     custom SQL expectations; overriding its metrics goes a step beyond them, so the seeded
@@ -184,8 +182,7 @@ def _plan(expected_users: int) -> tuple[_Asset, ...]:
         ),
         # Counted like GX's own uniqueness: every row whose lower(email) repeats. The repeated
         # values come from one hash aggregate, materialized so that parallel workers do not each
-        # rebuild it; a window count over lower(email) sorted the table instead (at 1M users,
-        # 1.1 s against 2.8 s, and GX runs the query twice: once to count, once to sample).
+        # rebuild it; a window count would sort the table (docs/decisions/0007-gx-count-only-sql-checks.md).
         _unexpected_rows(
             "email_unique_ci",
             f"{USERS_TABLE}.email values must be unique ignoring case (lower(email))",
