@@ -248,8 +248,8 @@ def test_the_write_pause_does_not_grow_with_the_table(make_db, backup_dir, tmp_p
     print(
         f"full pass {full_pass:.2f} s; cutover pause {pause:.3f} s; longest write {stats['max_seconds']:.3f} s"
     )
-    assert pause < full_pass / 10, (pause, full_pass)
-    assert stats["max_seconds"] < full_pass / 10, (stats["max_seconds"], full_pass)
+    assert pause < full_pass / 5, (pause, full_pass)
+    assert stats["max_seconds"] < full_pass / 5, (stats["max_seconds"], full_pass)
     assert result["source_checksum"] == result["target_checksum"]
 
 

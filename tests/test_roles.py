@@ -134,7 +134,10 @@ def test_pass_role_runs_passes_with_change_capture_and_cannot_switch(legacy, rol
     pass_name = roles["pass"][0]
     result = validated_pass(legacy, as_pass, "pass-1", backup_dir)
     assert result["migrated"] == len(fx.MIGRATED)
-    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []  # sequences readable
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    # Sequences readable: no warning but the throttle's note that without pg_monitor it counts only
+    # its own sessions (this role is not granted pg_monitor: it would see other sessions' queries).
+    assert [w for w in warnings if "throttle unreadable" not in w] == []
 
     # The application, under its own role, writes on: its writes land in the log.
     with psycopg.connect(as_app) as app:
@@ -226,10 +229,12 @@ def test_switch_role_rehearses_cuts_over_carries_back_and_restores(legacy, roles
     done = cutover(as_switch, "pass-1")
     assert done["source_checksum"] == done["target_checksum"]
     after = legacy_state(legacy)
-    assert after["cutover"]["run_id"] == "pass-1" and not after["log"]
+    # The capture stays behind the read-only triggers (it never fires) until a rollback drops it.
+    assert after["cutover"]["run_id"] == "pass-1" and after["log"]
     assert {name for _, name in after["triggers"]} == {
         "user_migration_read_only",
         "user_migration_read_only_truncate",
+        *(f"user_migration_capture_{event}" for event in ("insert", "update", "delete", "truncate")),
     }
     with psycopg.connect(as_app) as app, pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
         app.execute("UPDATE account_user SET full_name = 'x' WHERE id = 1")
@@ -283,10 +288,12 @@ def test_switch_role_rehearses_cuts_over_carries_back_and_restores(legacy, roles
                 conn.execute(statement)
 
 
-def test_without_the_owners_rights_the_cutover_and_rollback_are_refused_at_drop_trigger(
+def test_without_the_owners_rights_the_cutover_runs_but_the_rollback_is_refused_at_drop_trigger(
     legacy, roles, backup_dir
 ):
-    """Every grant short of ownership (LOCK, TRIGGER, writes, sequences): DROP TRIGGER still needs the owner."""
+    """Every grant short of ownership (LOCK, TRIGGER, writes, sequences). The cutover creates its read-only
+    triggers with CREATE OR REPLACE and leaves the capture triggers in place, so TRIGGER is enough for
+    it; the rollback drops triggers, which only the owner may do."""
     as_pass = pass_role(legacy, roles)
     name, password = roles["switch"]
     with psycopg.connect(legacy, autocommit=True) as admin:
@@ -306,15 +313,10 @@ def test_without_the_owners_rights_the_cutover_and_rollback_are_refused_at_drop_
     before = legacy_state(legacy)
 
     assert cutover(as_granted, "pass-1", dry_run=True)["dry_run"] is True  # the rehearsal only locks
-    with pytest.raises(CutoverRefused) as refused:
-        cutover(as_granted, "pass-1")
-    assert "(must be owner of relation account_user)" in str(refused.value)
-    assert str(refused.value).startswith(f"cutover refused, nothing changed: the role {name} lacks")
     assert legacy_state(legacy) == before
-
-    # Cut over by the superuser, carry_back under the same grants is refused at the read-only trigger.
-    cutover(legacy, "pass-1")
+    cutover(as_granted, "pass-1")
     cut = legacy_state(legacy)
+    assert cut != before  # read-only now
     with (
         psycopg.connect(as_granted, autocommit=True) as conn,
         pytest.raises(

@@ -494,9 +494,9 @@ class MigrationReportOperator(_MigrationOperator):
         Read from the cutover's record (a real cutover), else from the approve_cutover and cutover
         tasks' return values; ids, counts, timings and the approver's Airflow user name only.
         """
-        ti = context["ti"]
+        ti = context.get("ti")  # absent when the report is run outside Airflow (tests, tools)
         approval = None
-        if settings.cutover:
+        if settings.cutover and ti is not None:
             approval = ti.xcom_pull(task_ids=APPROVAL_TASK, key=APPROVAL_KEY) or ti.xcom_pull(
                 task_ids=APPROVAL_TASK
             )
@@ -512,11 +512,11 @@ class MigrationReportOperator(_MigrationOperator):
                 "write_pause_seconds": round(cut[3], 3),
                 "checksums_equal": cut[4] == cut[5],
                 "approval": approval,
-                "legacy_tables": "read-only",
+                "legacy_tables": "read-only" if cut[1] == "active" else "writable",
             }
         if not settings.cutover:
             return {"state": "not_requested", "legacy_tables": "writable"}
-        result = ti.xcom_pull(task_ids="cutover")
+        result = ti.xcom_pull(task_ids="cutover") if ti is not None else None
         if settings.dry_run and result:
             return {
                 "state": "rehearsed",
