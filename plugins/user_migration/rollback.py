@@ -134,7 +134,7 @@ def carry_back(
         raise MigrationError(
             f"rollback half done: the legacy tables are carried back and writable, but the target database "
             f"failed before its commit ({safe_error(exc)}), so cutover {cut['id']} is still marked active. Run "
-            "the rollback again once the target database is reachable: it carries only what is still missing "
+            "the rollback again once the target database is reachable: it finishes the target's side without carrying anything again "
             "and marks the cutover rolled back"
         ) from None
     return {"cutover_id": cut["id"], "cutover_run_id": cut["run_id"], "resumed": resumed, **counts}

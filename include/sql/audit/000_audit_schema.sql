@@ -285,7 +285,7 @@ CREATE TABLE IF NOT EXISTS migration_audit.throttle (
 );
 
 -- What the throttle did: manual state changes seen, pauses and stops on the legacy server's
--- signals (the signal, its value, the threshold), signals that could not be read, snapshot renewals.
+-- signals (the signal, its value, the threshold), signals that could not be read.
 -- Written from the throttle's own connection, so it stays when the partition rolls back.
 CREATE TABLE IF NOT EXISTS migration_audit.throttle_events (
     id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
