@@ -2,7 +2,7 @@
 
 1. Hold the new tables against other writers (EXCLUSIVE, reads go on) for the whole switch.
 2. Catch up from the change log (capture.py) without locking the legacy tables, until the backlog
-   is small.
+   is small; again after step 3, whose full scans take time in proportion to the table.
 3. Verify in full, still without the legacy lock: the target's count and checksum equal the sync
    state's (and, for a rehearsal or on demand, every legacy row's hash equals the state's unless
    the log names it). Count the legacy users in one snapshot.
@@ -58,8 +58,10 @@ class CutoverOptions:
     attempts: int = 5
     backoff_seconds: float = 0.5
     dry_run: bool = False
-    # Catch up without the lock until at most this many users wait in the change log.
+    # Catch up without the lock until at most this many users wait in the change log; after the full
+    # verification, until at most final_backlog do (those are applied under the lock).
     max_backlog: int = 1000
+    final_backlog: int = 50
     catch_up_rounds: int = 20
     # Hash every legacy row against the sync state before the lock; None: only when rehearsing.
     full_verify: bool | None = None
@@ -245,12 +247,16 @@ def _attempt(job: _Job, attempt: int) -> dict[str, Any]:
                     sql.SQL(", ").join(map(sql.Identifier, NEW_TABLES))
                 )
             )
-            rounds, caught_up = _catch_up(job)
+            rounds, caught_up = _catch_up(job, options.max_backlog, "catch-up")
             before = _verify_target(target)
             legacy_mismatches = _verify_legacy(job) if full_verify else None
             target.execute(
                 sql.SQL(read_sql("cutover/track_changes.sql")).format(fingerprint=fingerprint_sql())
             )
+            # The verification takes time in proportion to the table (17 s at 10M users): the writes
+            # made meanwhile are caught up now, tracked, so that the lock waits for the last few only.
+            tracked_rounds, tracked_users = _catch_up(job, options.final_backlog, "catch-up-tracked")
+            rounds, caught_up = rounds + tracked_rounds, caught_up + tracked_users
             counted, seen = legacy.execute(
                 sql.SQL(read_sql("cutover/legacy_snapshot.sql")).format(
                     users=legacy_tables(job.settings)[0], log=capture.log_table(mapping)
@@ -334,18 +340,18 @@ def _apply(job: _Job, entries: list[tuple[Any, ...]], sync_run: str) -> dict[str
     return counts
 
 
-def _catch_up(job: _Job) -> tuple[int, int]:
-    """Apply the log without the legacy lock until its backlog is small; returns (rounds, users)."""
+def _catch_up(job: _Job, backlog: int, name: str) -> tuple[int, int]:
+    """Apply the log without the legacy lock until at most ``backlog`` users wait; returns (rounds, users)."""
     rounds = users = 0
     log = capture.log_table(job.settings.mapping)
     while rounds < job.options.catch_up_rounds:
         entries = job.legacy.execute(
             sql.SQL("SELECT seq, source, source_id, op FROM {} WHERE source_id IS NOT NULL").format(log)
         ).fetchall()
-        if len({entry[2] for entry in entries}) <= job.options.max_backlog:
+        if len({entry[2] for entry in entries}) <= backlog:
             break
         rounds += 1
-        users += _apply(job, entries, f"{job.run_id}:catch-up-{rounds}")["users"]
+        users += _apply(job, entries, f"{job.run_id}:{name}-{rounds}")["users"]
     return rounds, users
 
 
