@@ -385,7 +385,9 @@ def _stage_profiles(spec, conn, settings):
     from user_migration.finalize import finalize_target
 
     def work():
-        return finalize_target(conn, conn, settings)
+        # With the run id a pass that compared every row makes the change log trusted, as in the DAG:
+        # the quiet pass then reads the log, and the cutover accepts it.
+        return finalize_target(conn, conn, settings, spec["run_id"])
 
     return work
 
@@ -401,6 +403,13 @@ def _stage_validate(spec, conn, settings):
         outcomes = validate_target(_sqlalchemy_url(spec["dsn"]), expected_users=numbers["migrated"])
         failed = [o.failure_message() for o in outcomes if not o.success]
         accounted = numbers["migrated"] + numbers["rejected"]
+        # Recorded like the DAG's validate task does: the cutover refuses a run without a passed one.
+        checks = [{"name": "every_source_row_accounted", "success": accounted == numbers["source_rows"]}]
+        checks += [
+            {"name": o.name, "success": o.success, "details": {"message": o.failure_message()}}
+            for o in outcomes
+        ]
+        audit.store_validation(conn, spec["run_id"], checks)
         return {
             "reconcile": numbers,
             "accounted": accounted == numbers["source_rows"] == numbers["rows_read"],
