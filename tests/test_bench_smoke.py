@@ -44,12 +44,12 @@ def test_bench_runs_every_stage_and_reconciles(bench_server: str, tmp_path: Path
             str(results),
             "--backup-dir",
             str(backups),
-            # The stages after the first load, small: 400 writes/s for 3 s still overflow the
-            # cutover's 1,000-user backlog, so it catches up once before it locks.
+            # The stages after the first load, small: 400 writes/s for 4 s overflow the cutover's
+            # 1,000-user backlog (~1,400 users), so it catches up once before it locks.
             "--writer-rate",
             "400",
             "--catch-up-seconds",
-            "3",
+            "4",
             "--trigger-cost-statements",
             "500",
         ],
@@ -102,6 +102,7 @@ def test_bench_runs_every_stage_and_reconciles(bench_server: str, tmp_path: Path
     assert quiet["changes"] == "log"
     assert tuple(s["stage"] for s in quiet["stages"]) == ("ddl", "plan", "copy", "profiles", "validate")
     assert quiet["validation"]["accounted"] is True and quiet["validation"]["failed"] == []
+    assert set(quiet["plan"]["timings"]) >= {"find_duplicates", "partition_ranges"}
 
     cost = report["trigger_cost"]
     assert cost["with"]["statements"] == cost["without"]["statements"] == 1000
@@ -113,6 +114,7 @@ def test_bench_runs_every_stage_and_reconciles(bench_server: str, tmp_path: Path
     assert cut["error"] is None and cut["recorded_state"] == "active" and cut["checksums_equal"] is True
     assert cut["catch_up"]["rounds"] >= 1 and cut["catch_up"]["users"] > 1000
     assert 0 <= cut["write_pause_seconds"] < 5 and cut["recorded_pause_seconds"] == cut["write_pause_seconds"]
+    assert [name for name, _ in cut["calls"]][-2:] == ["_apply", "_prove"]  # the final sync, then the proof
     writes = cut["writes"]
     assert writes["errors"] == 0, writes["errors_sample"]
     assert writes["catch_up_period"]["ok"] > 500

@@ -340,12 +340,40 @@ def _stage_ddl(spec, conn, settings):
     return work
 
 
+def _time_calls(timings: dict[str, float], module: Any, *names: str) -> None:
+    """Wrap module-level functions so their seconds add up in ``timings``: where a stage's time goes.
+
+    A stage calls them through its module, so wrapping the attribute times the real calls.
+    """
+
+    def wrap(name: str, function):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - started, 3)
+
+        return timed
+
+    for name in names:
+        setattr(module, name, wrap(name, getattr(module, name)))
+
+
 def _stage_plan(spec, conn, settings):
-    from user_migration.plan import make_plan
+    from user_migration import capture, deferred_indexes
+    from user_migration import plan as plan_module
+
+    timings: dict[str, float] = {}
+    _time_calls(timings, plan_module, "partition_ranges", "find_duplicates")
+    _time_calls(timings, capture, "prepare")
+    _time_calls(timings, deferred_indexes, "build", "defer")
 
     def work():
         target = spec["target"]
-        return make_plan(conn, target, settings, spec["run_id"], dt.date.fromisoformat(spec["as_of"]))
+        as_of = dt.date.fromisoformat(spec["as_of"])
+        result = plan_module.make_plan(conn, target, settings, spec["run_id"], as_of)
+        return {**result, "timings": timings}
 
     return work
 
@@ -386,12 +414,18 @@ def _stage_indexes(spec, conn, settings):
 
 
 def _stage_profiles(spec, conn, settings):
+    from user_migration import capture, deferred_indexes, finalize
     from user_migration.finalize import finalize_target
+
+    timings: dict[str, float] = {}
+    _time_calls(timings, finalize, "init_profiles", "legacy_id_floors")
+    _time_calls(timings, deferred_indexes, "build")
+    _time_calls(timings, capture, "complete_pass")
 
     def work():
         # With the run id a pass that compared every row makes the change log trusted, as in the DAG:
         # the quiet pass then reads the log, and the cutover accepts it.
-        return finalize_target(conn, conn, settings, spec["run_id"])
+        return {**finalize_target(conn, conn, settings, spec["run_id"]), "timings": timings}
 
     return work
 
@@ -403,8 +437,11 @@ def _stage_validate(spec, conn, settings):
     from user_migration.validation import validate_target
 
     def work():
+        started = time.perf_counter()
         numbers = audit.reconcile(conn, spec["run_id"])
+        reconciled = time.perf_counter()
         outcomes = validate_target(_sqlalchemy_url(spec["dsn"]), expected_users=numbers["migrated"])
+        checked = time.perf_counter()
         failed = [o.failure_message() for o in outcomes if not o.success]
         accounted = numbers["migrated"] + numbers["rejected"]
         # Recorded like the DAG's validate task does: the cutover refuses a run without a passed one.
@@ -415,6 +452,10 @@ def _stage_validate(spec, conn, settings):
         ]
         audit.store_validation(conn, spec["run_id"], checks)
         return {
+            "timings": {
+                "reconcile": round(reconciled - started, 3),
+                "validate_target": round(checked - reconciled, 3),
+            },
             "reconcile": numbers,
             "accounted": accounted == numbers["source_rows"] == numbers["rows_read"],
             "checks": len(outcomes),
@@ -915,6 +956,7 @@ def run_after_first_load(args, dsn: str, rows: int, run_id: str, workdir: Path, 
                 "seconds": round(sum(s["seconds"] for s in stages), 3),
                 "process_seconds": round(sum(s["process_seconds"] for s in stages), 3),
             },
+            "plan": {k: details["plan"][k] for k in ("source_rows", "duplicates", "timings")},
             "profiles": details["profiles"],
             "validation": validation,
         }

@@ -89,10 +89,31 @@ def _backlog(conn: psycopg.Connection, mapping: LegacyMapping) -> dict[str, int]
     return {"entries": entries, "users": users}
 
 
+def _record_calls(calls: list[tuple[str, float]], module: Any, *names: str) -> None:
+    """Wrap module-level functions to append (name, seconds) per call: where the cutover's time goes."""
+
+    def wrap(name: str, function):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                calls.append((name, round(time.perf_counter() - started, 3)))
+
+        return timed
+
+    for name in names:
+        setattr(module, name, wrap(name, getattr(module, name)))
+
+
 def cutover_with_writer(
     dsn: str, settings: Settings, run_id: str, workdir: Path, rate: float, catch_up_seconds: float
 ) -> dict[str, Any]:
     """Writer at ``rate`` writes/s for ``catch_up_seconds``, then ``run_cutover`` with default options."""
+    from user_migration import cutover
+
+    calls: list[tuple[str, float]] = []  # in order: the catch-up's applies, then the final sync's
+    _record_calls(calls, cutover, "_catch_up", "_apply", "_verify_target", "_prove")
     proc, out, stop = _start_writer(dsn, workdir, "cutover-writer", rate=rate, seed=7)
     error = None
     result: dict[str, Any] = {}
@@ -122,6 +143,8 @@ def cutover_with_writer(
         "catch_up_seconds": catch_up_seconds,
         "backlog_at_start": backlog,
         "cutover_wall_seconds": round(wall, 3),
+        # _catch_up includes its rounds' _apply calls; the last _apply is the final sync, under the lock.
+        "calls": [list(call) for call in calls],
         "error": error,
         "write_pause_seconds": result.get("write_pause_seconds"),
         "recorded_pause_seconds": None if recorded is None else round(recorded[0], 3),
@@ -256,6 +279,10 @@ def print_extras(report: dict[str, Any]) -> None:
             f"({quiet['total']['process_seconds']:.2f} s with process start-up): {per_stage} s; "
             f"reconcile {'holds' if v['accounted'] else 'DOES NOT HOLD'}, GX {v['checks_passed']}/{v['checks']}"
         )
+        for stage in ("plan", "profiles", "validate"):
+            timings = (quiet["validation"] if stage == "validate" else quiet[stage]).get("timings")
+            if timings:
+                print(f"  {stage}: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
     cost = report.get("trigger_cost")
     if cost:
         print()
@@ -281,6 +308,7 @@ def print_extras(report: dict[str, Any]) -> None:
             f"(recorded {cut['recorded_pause_seconds']} s), catch-up {cut['catch_up']}, "
             f"final sync {cut['final_sync']['users'] if cut['final_sync'] else None} users"
         )
+        print("  calls: " + ", ".join(f"{name} {seconds:.3f} s" for name, seconds in cut["calls"]))
         print(f"  application until the switch: {_ms(w['until_switch'])}")
         print(f"  application during the cutover: {_ms(w['during_cutover'])}")
         print(
