@@ -107,7 +107,7 @@ def test_bench_runs_every_stage_and_reconciles(bench_server: str, tmp_path: Path
     cost = report["trigger_cost"]
     assert cost["with"]["statements"] == cost["without"]["statements"] == 1000
     assert all(r["log_entries"] > 0 for r in cost["runs"] if r["mode"] == "with")
-    assert cost["ratio_writes_per_s"] > 0 and cost["ratio_p99"] > 0
+    assert cost["ratio_writes_per_s"] > 0 and cost["ratio_p99"] > 0 and cost["copied_users"] == ROWS
 
     # The cutover ran while the writer wrote: it caught up, switched, and later writes are refused.
     cut = report["cutover"]

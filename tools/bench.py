@@ -967,7 +967,9 @@ def run_after_first_load(args, dsn: str, rows: int, run_id: str, workdir: Path, 
             f"capture triggers' cost: the writer, {args.trigger_cost_statements:,} statements a run ...",
             flush=True,
         )
-        report["trigger_cost"] = bench_cutover.trigger_cost(dsn, workdir, args.trigger_cost_statements)
+        report["trigger_cost"] = bench_cutover.trigger_cost(
+            dsn, workdir, args.trigger_cost_statements, users=args.trigger_cost_users
+        )
     if not args.skip_cutover:
         print(
             f"cutover of run {cut_run} with the application writing {args.writer_rate:g}/s "
@@ -1021,6 +1023,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--trigger-cost-statements", type=int, default=10_000, help="writer statements per run"
+    )
+    parser.add_argument(
+        "--trigger-cost-users", type=int, default=200_000, help="legacy users copied for the triggers' cost"
     )
     parser.add_argument("--profile-copy", help="write a pyinstrument profile of copy partition 0 here")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
