@@ -44,6 +44,14 @@ def test_bench_runs_every_stage_and_reconciles(bench_server: str, tmp_path: Path
             str(results),
             "--backup-dir",
             str(backups),
+            # The stages after the first load, small: 400 writes/s for 4 s overflow the cutover's
+            # 1,000-user backlog (~1,400 users), so it catches up once before it locks.
+            "--writer-rate",
+            "400",
+            "--catch-up-seconds",
+            "4",
+            "--trigger-cost-statements",
+            "500",
         ],
         capture_output=True,
         text=True,
@@ -88,6 +96,30 @@ def test_bench_runs_every_stage_and_reconciles(bench_server: str, tmp_path: Path
     for key in ("cores", "memory_total_mb", "postgresql_version", "python_version"):
         assert report["machine"][key], key
     assert "user_migration bench" in proc.stdout and "copy" in proc.stdout
+
+    # A second pass with nothing changed reads the change log the first load made trusted.
+    quiet = report["quiet_pass"]
+    assert quiet["changes"] == "log"
+    assert tuple(s["stage"] for s in quiet["stages"]) == ("ddl", "plan", "copy", "profiles", "validate")
+    assert quiet["validation"]["accounted"] is True and quiet["validation"]["failed"] == []
+    assert set(quiet["plan"]["timings"]) >= {"find_duplicates", "partition_ranges"}
+
+    cost = report["trigger_cost"]
+    assert cost["with"]["statements"] == cost["without"]["statements"] == 1000
+    assert all(r["log_entries"] > 0 for r in cost["runs"] if r["mode"] == "with")
+    assert cost["ratio_writes_per_s"] > 0 and cost["ratio_p99"] > 0 and cost["copied_users"] == ROWS
+
+    # The cutover ran while the writer wrote: it caught up, switched, and later writes are refused.
+    cut = report["cutover"]
+    assert cut["error"] is None and cut["recorded_state"] == "active" and cut["checksums_equal"] is True
+    assert cut["catch_up"]["rounds"] >= 1 and cut["catch_up"]["users"] > 1000
+    assert 0 <= cut["write_pause_seconds"] < 5 and cut["recorded_pause_seconds"] == cut["write_pause_seconds"]
+    assert [name for name, _ in cut["calls"]][-2:] == ["_apply", "_prove"]  # the final sync, then the proof
+    writes = cut["writes"]
+    assert writes["errors"] == 0, writes["errors_sample"]
+    assert writes["catch_up_period"]["ok"] > 500
+    assert writes["after_switch"]["read_only"] == writes["after_switch"]["statements"] > 0
+    assert "cutover with the application writing" in proc.stdout
 
     # Without --keep the bench cleans up after itself: no database, no backup folder.
     with psycopg.connect(bench_server) as conn:

@@ -9,10 +9,14 @@
 3. Baselines on the same rows: (a) a plain in-database ``INSERT ... SELECT`` into an identically
    indexed empty table, (b) the seed project's approach: every row fetched into Python dicts,
    then multi-row INSERTs of 1,000 rows (as Django's ``bulk_create``).
-4. Prints a table and writes everything to bench/results/bench-<rows>-<timestamp>.json.
+4. After the first load (tools/bench_cutover.py): a quiet pass (ddl, plan, copy, profiles, validate
+   again with nothing changed), the capture triggers' cost to the application's writes, and the
+   cutover with a writer playing the application (its latencies, the pause, the catch-up).
+5. Prints a table and writes everything to bench/results/bench-<rows>-<timestamp>.json.
 
 Usage: ``python tools/bench.py --rows 1000000 [--partitions 2] [--batch-size 10000] [--keep]
-[--skip-baselines] [--dsn postgresql://...] [--data-dir DIR]``.
+[--skip-baselines] [--skip-quiet-pass] [--skip-trigger-cost] [--skip-cutover] [--writer-rate 100]
+[--catch-up-seconds 12] [--dsn postgresql://...] [--data-dir DIR]``.
 """
 
 from __future__ import annotations
@@ -336,12 +340,40 @@ def _stage_ddl(spec, conn, settings):
     return work
 
 
+def _time_calls(timings: dict[str, float], module: Any, *names: str) -> None:
+    """Wrap module-level functions so their seconds add up in ``timings``: where a stage's time goes.
+
+    A stage calls them through its module, so wrapping the attribute times the real calls.
+    """
+
+    def wrap(name: str, function):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - started, 3)
+
+        return timed
+
+    for name in names:
+        setattr(module, name, wrap(name, getattr(module, name)))
+
+
 def _stage_plan(spec, conn, settings):
-    from user_migration.plan import make_plan
+    from user_migration import capture, deferred_indexes
+    from user_migration import plan as plan_module
+
+    timings: dict[str, float] = {}
+    _time_calls(timings, plan_module, "partition_ranges", "find_duplicates")
+    _time_calls(timings, capture, "prepare")
+    _time_calls(timings, deferred_indexes, "build", "defer")
 
     def work():
         target = spec["target"]
-        return make_plan(conn, target, settings, spec["run_id"], dt.date.fromisoformat(spec["as_of"]))
+        as_of = dt.date.fromisoformat(spec["as_of"])
+        result = plan_module.make_plan(conn, target, settings, spec["run_id"], as_of)
+        return {**result, "timings": timings}
 
     return work
 
@@ -382,10 +414,18 @@ def _stage_indexes(spec, conn, settings):
 
 
 def _stage_profiles(spec, conn, settings):
+    from user_migration import capture, deferred_indexes, finalize
     from user_migration.finalize import finalize_target
 
+    timings: dict[str, float] = {}
+    _time_calls(timings, finalize, "init_profiles", "legacy_id_floors")
+    _time_calls(timings, deferred_indexes, "build")
+    _time_calls(timings, capture, "complete_pass")
+
     def work():
-        return finalize_target(conn, conn, settings)
+        # With the run id a pass that compared every row makes the change log trusted, as in the DAG:
+        # the quiet pass then reads the log, and the cutover accepts it.
+        return {**finalize_target(conn, conn, settings, spec["run_id"]), "timings": timings}
 
     return work
 
@@ -397,11 +437,25 @@ def _stage_validate(spec, conn, settings):
     from user_migration.validation import validate_target
 
     def work():
+        started = time.perf_counter()
         numbers = audit.reconcile(conn, spec["run_id"])
+        reconciled = time.perf_counter()
         outcomes = validate_target(_sqlalchemy_url(spec["dsn"]), expected_users=numbers["migrated"])
+        checked = time.perf_counter()
         failed = [o.failure_message() for o in outcomes if not o.success]
         accounted = numbers["migrated"] + numbers["rejected"]
+        # Recorded like the DAG's validate task does: the cutover refuses a run without a passed one.
+        checks = [{"name": "every_source_row_accounted", "success": accounted == numbers["source_rows"]}]
+        checks += [
+            {"name": o.name, "success": o.success, "details": {"message": o.failure_message()}}
+            for o in outcomes
+        ]
+        audit.store_validation(conn, spec["run_id"], checks)
         return {
+            "timings": {
+                "reconcile": round(reconciled - started, 3),
+                "validate_target": round(checked - reconciled, 3),
+            },
             "reconcile": numbers,
             "accounted": accounted == numbers["source_rows"] == numbers["rows_read"],
             "checks": len(outcomes),
@@ -587,7 +641,11 @@ def _stage_row(name: str, rows: int, seconds: float, rss: float, process_seconds
     }
 
 
-def run_pipeline(args, dsn: str, rows: int, run_id: str, workdir: Path) -> tuple[list[dict], dict]:
+def run_pipeline(
+    args, dsn: str, rows: int, run_id: str, workdir: Path, first_load: bool = True
+) -> tuple[list[dict], dict]:
+    """The stages of one pass. ``first_load=False``: a later pass (ddl, plan, copy, profiles, validate),
+    without the backup and the separate index build, which a later pass has nothing to do for."""
     base = {
         "dsn": dsn,
         "run_id": run_id,
@@ -616,12 +674,15 @@ def run_pipeline(args, dsn: str, rows: int, run_id: str, workdir: Path) -> tuple
         details[name] = out["result"]
         return out["result"]
 
-    backup = simple("backup")
-    # The stage's rows/s counts legacy users, like every stage; the backup also writes the link rows.
-    written = sum(backup["rows"].values())
-    stages[-1]["rows_written"] = written
-    stages[-1]["rows_written_per_s"] = round(_rate(written, stages[-1]["seconds"]))
-    simple("ddl", backup_folder=backup["folder"])
+    if first_load:
+        backup = simple("backup")
+        # The stage's rows/s counts legacy users, like every stage; the backup also writes the link rows.
+        written = sum(backup["rows"].values())
+        stages[-1]["rows_written"] = written
+        stages[-1]["rows_written_per_s"] = round(_rate(written, stages[-1]["seconds"]))
+        simple("ddl", backup_folder=backup["folder"])
+    else:
+        simple("ddl")
     plan = simple("plan")
 
     partitions = plan["partitions"]
@@ -663,7 +724,8 @@ def run_pipeline(args, dsn: str, rows: int, run_id: str, workdir: Path) -> tuple
     )
     details["copy"] = [o["result"] for o in outs]
 
-    simple("indexes")
+    if first_load:
+        simple("indexes")
     simple("profiles")
     validate = simple("validate")
     return stages, {**details, "validate": validate}
@@ -870,6 +932,58 @@ def print_report(report: dict[str, Any]) -> None:
           f"{total['process_seconds']:.2f} s with process start-up")  # fmt: skip
 
 
+def run_after_first_load(args, dsn: str, rows: int, run_id: str, workdir: Path, report: dict) -> bool:
+    """The quiet pass, the triggers' cost and the cutover with a writer; returns whether they held.
+
+    In this order because the cutover ends the migration (legacy read-only, capture dropped); it
+    cuts over the last validated run.
+    """
+    import bench_cutover  # here, not at the top: the stage children need none of it (their RSS)
+
+    ok, cut_run = True, run_id
+    if not args.skip_quiet_pass:
+        print("quiet pass: a second pass with nothing changed, each stage in a fresh process:", flush=True)
+        quiet_id = f"{run_id}__quiet"
+        stages, details = run_pipeline(args, dsn, rows, quiet_id, workdir, first_load=False)
+        validation = details["validate"]
+        report["quiet_pass"] = {
+            "run_id": quiet_id,
+            "changes": details["plan"]["changes"],
+            "changes_reason": details["plan"]["changes_reason"],
+            "copy_paths": sorted({c["path"] for c in details["copy"]}),
+            "stages": stages,
+            "total": {
+                "seconds": round(sum(s["seconds"] for s in stages), 3),
+                "process_seconds": round(sum(s["process_seconds"] for s in stages), 3),
+            },
+            "plan": {k: details["plan"][k] for k in ("source_rows", "duplicates", "timings")},
+            "profiles": details["profiles"],
+            "validation": validation,
+        }
+        ok = ok and validation["accounted"] and not validation["failed"]
+        cut_run = quiet_id
+    if not args.skip_trigger_cost:
+        print(
+            f"capture triggers' cost: the writer, {args.trigger_cost_statements:,} statements a run ...",
+            flush=True,
+        )
+        report["trigger_cost"] = bench_cutover.trigger_cost(
+            dsn, workdir, args.trigger_cost_statements, users=args.trigger_cost_users
+        )
+    if not args.skip_cutover:
+        print(
+            f"cutover of run {cut_run} with the application writing {args.writer_rate:g}/s "
+            f"({args.catch_up_seconds:g} s of writes first) ...",
+            flush=True,
+        )
+        settings = _settings({"partitions": args.partitions, "batch_size": args.batch_size})
+        report["cutover"] = bench_cutover.cutover_with_writer(
+            dsn, settings, cut_run, workdir, args.writer_rate, args.catch_up_seconds
+        )
+        ok = ok and report["cutover"]["error"] is None and report["cutover"]["writes"]["errors"] == 0
+    return ok
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="legacy users to generate")
@@ -892,6 +1006,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=2_000_000,
         help="baseline (b) holds every row in memory: above this it runs on the first N ids",
+    )
+    parser.add_argument("--skip-quiet-pass", action="store_true", help="no second pass after the first load")
+    parser.add_argument(
+        "--skip-trigger-cost", action="store_true", help="no writer with/without capture triggers"
+    )
+    parser.add_argument("--skip-cutover", action="store_true", help="no cutover with a writer at the end")
+    parser.add_argument(
+        "--writer-rate", type=float, default=100.0, help="the application's writes/s at the cutover"
+    )
+    parser.add_argument(
+        "--catch-up-seconds",
+        type=float,
+        default=12.0,
+        help="writes pile up in the change log this long before the cutover (100/s x 12 s > its 1,000-user backlog)",
+    )
+    parser.add_argument(
+        "--trigger-cost-statements", type=int, default=10_000, help="writer statements per run"
+    )
+    parser.add_argument(
+        "--trigger-cost-users", type=int, default=200_000, help="legacy users copied for the triggers' cost"
     )
     parser.add_argument("--profile-copy", help="write a pyinstrument profile of copy partition 0 here")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
@@ -968,13 +1102,17 @@ def main(argv: list[str] | None = None) -> int:
                 "rss_b_vs_copy": round(b["rss_peak_mb"] / copy["rss_peak_mb"], 2),
                 "note": "rows/s ratios, copy counted with the index build: above 1 means the pipeline is faster",
             }
+        ok_extra = run_after_first_load(args, dsn, rows, run_id, workdir, report)
         report["machine"]["loadavg_after"] = os.getloadavg()
         print_report(report)
+        import bench_cutover
+
+        bench_cutover.print_extras(report)
         args.results_dir.mkdir(parents=True, exist_ok=True)
         path = args.results_dir / f"bench-{rows}-{stamp}.json"
         path.write_text(json.dumps(report, indent=2, default=str) + "\n")
         print(f"results: {path}")
-        ok = report["validation"]["accounted"] and not report["validation"]["failed"]
+        ok = report["validation"]["accounted"] and not report["validation"]["failed"] and ok_extra
         return 0 if ok else 1
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
