@@ -284,6 +284,75 @@ class _Batch:
         self.rejected_ids: list[int] = []
 
 
+@dataclass
+class _Job:
+    """One attempt at one partition: what every step of _copy reads, and the result it fills in."""
+
+    source: psycopg.Connection
+    target: psycopg.Connection
+    settings: Settings
+    run_id: str
+    partition: dict[str, Any]
+    own_snapshot: bool
+    throttle: Throttle
+    result: PartitionResult
+    transformer: Transformer
+    now: dt.datetime
+    select: sql.Composed
+    id_column: sql.Identifier
+
+    @classmethod
+    def start(
+        cls,
+        source: psycopg.Connection,
+        target: psycopg.Connection,
+        settings: Settings,
+        run_id: str,
+        partition: dict[str, Any],
+        own_snapshot: bool,
+        throttle: Throttle,
+    ) -> _Job:
+        mapping = settings.mapping
+        return cls(
+            source,
+            target,
+            settings,
+            run_id,
+            partition,
+            own_snapshot,
+            throttle,
+            PartitionResult(partition["partition_no"], partition["lo"], partition["hi"]),
+            Transformer(
+                settings.phone_region, settings.invalid_phone, today=dt.date.fromisoformat(partition["as_of"])
+            ),
+            dt.datetime.now(dt.UTC),
+            sql.SQL("SELECT {}, {} AS row_hash FROM {}").format(
+                legacy_select_list(mapping), row_hash_sql(mapping), users_table(mapping)
+            ),
+            sql.Identifier(mapping.column("id")),
+        )
+
+    @property
+    def lo(self) -> int:
+        return self.partition["lo"]
+
+    @property
+    def hi(self) -> int:
+        return self.partition["hi"]
+
+    @property
+    def path(self) -> str:
+        return self.result.path
+
+
+@dataclass
+class _Rows:
+    """Which legacy rows a partition reads: ``process`` (ids, None: the whole range) and ``deleted``."""
+
+    process: list[int] | None = None
+    deleted: list[int] = field(default_factory=list)
+
+
 def _copy(
     source: psycopg.Connection,
     target: psycopg.Connection,
@@ -293,219 +362,233 @@ def _copy(
     own_snapshot: bool,
     throttle: Throttle,
 ) -> PartitionResult:
+    """The partition's one target transaction: clear the attempt, stage, read, write, merge, links."""
     started = time.perf_counter()
-    lo, hi, no = partition["lo"], partition["hi"], partition["partition_no"]
-    mapping = settings.mapping
-    transformer = Transformer(
-        settings.phone_region, settings.invalid_phone, today=dt.date.fromisoformat(partition["as_of"])
-    )
-    now = dt.datetime.now(dt.UTC)
-    result = PartitionResult(no, lo, hi)
-    legacy_names = _legacy_names(settings)
-    dry_run = settings.dry_run
-    transform_settings = settings.transform_fingerprint()
-    select = sql.SQL("SELECT {}, {} AS row_hash FROM {}").format(
-        legacy_select_list(mapping), row_hash_sql(mapping), users_table(mapping)
-    )
-    id_column = sql.Identifier(mapping.column("id"))
-
+    job = _Job.start(source, target, settings, run_id, partition, own_snapshot, throttle)
     with target.transaction():
         if partition.get("lease_run_id"):
             hold_lease(target, partition["lease_run_id"])
-        for table in ("rejected_rows", "field_fixes"):
-            target.execute(
-                sql.SQL(
-                    "DELETE FROM migration_audit.{} WHERE run_id = %s AND source_id BETWEEN %s AND %s"
-                ).format(sql.Identifier(table)),
-                (run_id, lo, hi),
-            )
-        target.execute(
-            "DELETE FROM migration_audit.batches WHERE run_id = %s AND partition_no = %s", (run_id, no)
-        )
-        has_state = False
-        if dry_run:
-            result.path = "dry_run"
-        elif (
-            partition.get("initial_load")
-            and not target.execute(
-                "SELECT EXISTS (SELECT 1 FROM account_newuser WHERE id BETWEEN %s AND %s)", (lo, hi)
-            ).fetchone()[0]
-        ):
-            result.path = "load"
-        else:
-            has_state = target.execute(
-                "SELECT EXISTS (SELECT 1 FROM migration_audit.source_state WHERE source_id BETWEEN %s AND %s)",
-                (lo, hi),
-            ).fetchone()[0]
-            if partition.get("ids") is not None:
-                result.path = "changes"
-            elif has_state and partition.get("changes") == "log":
-                result.path = "log"
-            else:
-                result.path = "delta" if has_state else "merge"
-            if result.path in ("log", "delta") and _transform_changed(target, lo, hi, transform_settings):
-                result.path, result.full_because = "merge", TRANSFORM_CHANGED
-        if result.path == "load":
-            target.execute(
-                "DELETE FROM migration_audit.source_state WHERE source_id BETWEEN %s AND %s", (lo, hi)
-            )
-        elif result.path != "dry_run":
-            target.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS stage_state "
-                "(source_id bigint, row_hash bytea, outcome char(1), fingerprint bigint, kept_id bigint) "
-                "ON COMMIT DROP"
-            )
-            target.execute("TRUNCATE stage_state")
-        if result.path in MERGING:
-            target.execute("DROP TABLE IF EXISTS stage_users")
-            target.execute(
-                "CREATE TEMP TABLE stage_users ON COMMIT DROP AS "
-                "SELECT id, password, last_login, is_superuser, email, username, full_name, date_of_birth, "
-                "phone_number, is_active, is_staff FROM account_newuser WITH NO DATA"
-            )
-        users_copy = None
-        if result.path == "load":
-            columns = [*USER_COLUMNS, "joined_at", "updated_at"]
-            users_copy = sql.SQL("COPY account_newuser ({}) FROM STDIN").format(
-                sql.SQL(", ").join(map(sql.Identifier, columns))
-            )
-        elif result.path in MERGING:
-            users_copy = sql.SQL("COPY stage_users ({}) FROM STDIN").format(
-                sql.SQL(", ").join(map(sql.Identifier, USER_COLUMNS))
-            )
-        stamps = (now, now) if result.path == "load" else ()
-
+        _clear_attempt(job)
+        job.result.path = _choose_path(job)
+        users_copy, stamps = _prepare_staging(job)
         with source.transaction():
             if own_snapshot:
                 source.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             snapshot = Snapshot(source, own_snapshot, settings.max_snapshot_seconds)
-            deleted: list[int] = []
-            process: list[int] | None = None
-            log_ids: list[int] = []
-            if partition.get("capture") and result.path != "changes":
-                # First, so that the entries are those visible in the snapshot the rows are read in.
-                result.consumed, log_ids = capture.entries_in_range(source, mapping, lo, hi)
-            if result.path == "delta":
-                range_losers = _losers(target, run_id, lo, hi)
-                drift = _drift(target, lo, hi)
-                process, deleted, skipped, rows_in = _delta(
-                    source, target, mapping, lo, hi, range_losers.keys() | drift
-                )
-                del range_losers
-                deleted += _target_only(drift, process, deleted)
-                result.drift_repaired = len(drift)
-                result.rows_in = rows_in
-                result.unchanged = skipped
-            elif result.path == "log":
-                drift = _drift(target, lo, hi)
-                process, deleted, rows_in = _from_log(
-                    source, target, mapping, (lo, hi), log_ids, _losers(target, run_id, lo, hi).keys() | drift
-                )
-                deleted += _target_only(drift, process, deleted)
-                result.drift_repaired = len(drift)
-                result.rows_in, result.unchanged = rows_in, rows_in - len(process)
-            elif result.path == "changes":
-                process, deleted = _split_changes(source, target, mapping, partition["ids"])
-                result.rows_in = len(process)
-            reader: _RangeReader | _IdReader
-            if process is not None:
-                reader = _IdReader(source, snapshot, select, id_column, process)
-            else:
-                reader = _RangeReader(source, snapshot, select, id_column, (lo, hi), f"partition_{no}")
-            rejected_ids: list[int] = []
-            claims = Claims() if result.path == "changes" else None
-            sizer = BatchSizer(settings, adaptive=own_snapshot)
-            with target.cursor() as out:
-                batch_no = 0
-                waited = throttle.gate(reader.release)  # a pause set before the start holds it too
-                while True:
-                    if batch_no and snapshot.expired():
-                        reader.release()  # the next fetch goes on from the last id, in a new snapshot
-                    asked = sizer.size
-                    batch_started = time.perf_counter()
-                    rows = reader.fetch(asked)
-                    if not rows:
-                        break
-                    batch_read(batch_no, rows)
-                    # The plan's losers of this batch only (rows come in id order): memory stays
-                    # bounded by the batch, however many duplicates the partition holds.
-                    losers = _losers(target, run_id, rows[0][0], rows[-1][0])
-                    batch = _transform_batch(
-                        rows, transformer, losers, legacy_names, run_id, now, result, claims
-                    )
-                    if result.path in MERGING:
-                        rejected_ids += batch.rejected_ids
-                    _write_batch(out, batch, users_copy, stamps, result.path, (run_id, transform_settings))
-                    seconds = time.perf_counter() - batch_started
-                    out.execute(
-                        "INSERT INTO migration_audit.batches (run_id, partition_no, batch_no, first_id, last_id, "
-                        "rows_in, rows_ok, rejected, seconds, target_rows, snapshot_no, waited_seconds) "
-                        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                        (
-                            run_id,
-                            no,
-                            batch_no,
-                            rows[0][0],
-                            rows[-1][0],
-                            len(rows),
-                            len(batch.good),
-                            len(batch.rejects),
-                            seconds,
-                            asked,
-                            snapshot.number,
-                            round(waited, 3),
-                        ),
-                    )
-                    sizer.record(len(rows), seconds)
-                    kill_after_batch(batch_no)
-                    batch_no += 1
-                    result.read += len(rows)
-                    waited = throttle.gate(reader.release)
-                result.batches = batch_no
-            reader.close()
-            snapshot.ensure()  # the merge and the links read on in the last snapshot
-            result.snapshots = snapshot.number
-            result.throttled_seconds = round(throttle.waited, 3)
-            if process is None:
-                result.rows_in = result.read
+            rows = _rows_to_read(job)
+            rejected_ids = _copy_batches(job, rows, snapshot, users_copy, stamps)
+            _merge_and_link(job, rows, rejected_ids)
+        job.result.seconds = round(time.perf_counter() - started, 3)
+        target.execute(read_sql("copy/partition_done.sql"), {**job.result.as_dict(), "run_id": run_id})
+    return job.result
 
-            if result.path in MERGING:
-                _merge(source, target, settings, transformer, result, deleted, rejected_ids, run_id, now)
-            elif result.path == "load":
-                result.inserted = result.migrated
-            if result.path in MERGING:
-                _save_state(target, result.path, lo, hi, deleted, run_id, transform_settings)
-            # The log and change paths touch the links of the users they processed; the others the range's.
-            scope = None if process is None or result.path == "delta" else sorted({*process, *deleted})
 
-            for key, link in (("groups", mapping.groups), ("permissions", mapping.permissions)):
-                if link is not None:
-                    _copy_links(
-                        source,
-                        target,
-                        mapping.schema,
-                        link,
-                        TARGET_LINKS[key],
-                        (lo, hi, scope),
-                        result,
-                        dry_run,
-                    )
-
-        result.seconds = round(time.perf_counter() - started, 3)
-        target.execute(
-            """
-            UPDATE migration_audit.partitions SET
-                state = 'done', rows_in = %(rows_in)s, transformed = %(read)s, inserted = %(inserted)s, updated = %(updated)s,
-                unchanged = %(unchanged)s, removed = %(removed)s, displaced = %(displaced)s,
-                rejected = %(rejected)s, fixed = %(fixed)s, links_in = %(links_in)s,
-                drift_repaired = %(drift_repaired)s, consumed = coalesce(consumed, 0) + %(consumed)s,
-                snapshots = %(snapshots)s,
-                finished_at = clock_timestamp(), seconds = %(seconds)s, error = NULL
-            WHERE run_id = %(run_id)s AND partition_no = %(partition_no)s
-            """,
-            {**result.as_dict(), "run_id": run_id},
+def _clear_attempt(job: _Job) -> None:
+    """What an earlier attempt of this partition left in the run's audit (it is redone whole)."""
+    for table in ("rejected_rows", "field_fixes"):
+        job.target.execute(
+            sql.SQL(
+                "DELETE FROM migration_audit.{} WHERE run_id = %s AND source_id BETWEEN %s AND %s"
+            ).format(sql.Identifier(table)),
+            (job.run_id, job.lo, job.hi),
         )
-    return result
+    job.target.execute(
+        "DELETE FROM migration_audit.batches WHERE run_id = %s AND partition_no = %s",
+        (job.run_id, job.result.partition_no),
+    )
+
+
+def _choose_path(job: _Job) -> str:
+    """dry_run, load (an empty range of a first load), changes (a given change set), log, delta or merge."""
+    target, lo, hi, partition = job.target, job.lo, job.hi, job.partition
+    if job.settings.dry_run:
+        return "dry_run"
+    if (
+        partition.get("initial_load")
+        and not target.execute(
+            "SELECT EXISTS (SELECT 1 FROM account_newuser WHERE id BETWEEN %s AND %s)", (lo, hi)
+        ).fetchone()[0]
+    ):
+        return "load"
+    has_state = target.execute(
+        "SELECT EXISTS (SELECT 1 FROM migration_audit.source_state WHERE source_id BETWEEN %s AND %s)",
+        (lo, hi),
+    ).fetchone()[0]
+    if partition.get("ids") is not None:
+        path = "changes"
+    elif has_state and partition.get("changes") == "log":
+        path = "log"
+    else:
+        path = "delta" if has_state else "merge"
+    if path in ("log", "delta") and _transform_changed(target, lo, hi, job.settings.transform_fingerprint()):
+        job.result.full_because = TRANSFORM_CHANGED
+        return "merge"
+    return path
+
+
+def _prepare_staging(job: _Job) -> tuple[sql.Composed | None, tuple]:
+    """Temp tables of the merging paths; returns the users' COPY statement and the load's time stamps."""
+    target, path = job.target, job.path
+    if path == "load":
+        target.execute(
+            "DELETE FROM migration_audit.source_state WHERE source_id BETWEEN %s AND %s", (job.lo, job.hi)
+        )
+    elif path != "dry_run":
+        target.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS stage_state "
+            "(source_id bigint, row_hash bytea, outcome char(1), fingerprint bigint, kept_id bigint) "
+            "ON COMMIT DROP"
+        )
+        target.execute("TRUNCATE stage_state")
+    if path in MERGING:
+        target.execute("DROP TABLE IF EXISTS stage_users")
+        target.execute(
+            "CREATE TEMP TABLE stage_users ON COMMIT DROP AS "
+            "SELECT id, password, last_login, is_superuser, email, username, full_name, date_of_birth, "
+            "phone_number, is_active, is_staff FROM account_newuser WITH NO DATA"
+        )
+    if path == "load":
+        columns = [*USER_COLUMNS, "joined_at", "updated_at"]
+        users_copy = sql.SQL("COPY account_newuser ({}) FROM STDIN").format(
+            sql.SQL(", ").join(map(sql.Identifier, columns))
+        )
+        return users_copy, (job.now, job.now)
+    if path in MERGING:
+        users_copy = sql.SQL("COPY stage_users ({}) FROM STDIN").format(
+            sql.SQL(", ").join(map(sql.Identifier, USER_COLUMNS))
+        )
+        return users_copy, ()
+    return None, ()
+
+
+def _rows_to_read(job: _Job) -> _Rows:
+    """The ids the path reads and the ids deleted from the legacy table; the log's entries first.
+
+    The change-log entries are read first, so that they are those visible in the snapshot the rows
+    are read in (copy_partition consumes them once the target has committed).
+    """
+    source, target, mapping, result = job.source, job.target, job.settings.mapping, job.result
+    lo, hi, path = job.lo, job.hi, job.path
+    log_ids: list[int] = []
+    if job.partition.get("capture") and path != "changes":
+        result.consumed, log_ids = capture.entries_in_range(source, mapping, lo, hi)
+    if path in ("delta", "log"):
+        drift = _drift(target, lo, hi)
+        reread = _losers(target, job.run_id, lo, hi).keys() | drift
+        if path == "delta":
+            process, deleted, result.unchanged, result.rows_in = _delta(
+                source, target, mapping, lo, hi, reread
+            )
+        else:
+            process, deleted, result.rows_in = _from_log(source, target, mapping, (lo, hi), log_ids, reread)
+            result.unchanged = result.rows_in - len(process)
+        deleted += _target_only(drift, process, deleted)
+        result.drift_repaired = len(drift)
+        return _Rows(process, deleted)
+    if path == "changes":
+        process, deleted = _split_changes(source, target, mapping, job.partition["ids"])
+        result.rows_in = len(process)
+        return _Rows(process, deleted)
+    return _Rows()
+
+
+def _copy_batches(
+    job: _Job, rows: _Rows, snapshot: Snapshot, users_copy: sql.Composed | None, stamps: tuple
+) -> list[int]:
+    """Read, transform and write batch after batch, yielding to the throttle; returns the rejected ids."""
+    source, result, settings, run_id = job.source, job.result, job.settings, job.run_id
+    no = result.partition_no
+    reader: _RangeReader | _IdReader
+    if rows.process is not None:
+        reader = _IdReader(source, snapshot, job.select, job.id_column, rows.process)
+    else:
+        reader = _RangeReader(
+            source, snapshot, job.select, job.id_column, (job.lo, job.hi), f"partition_{no}"
+        )
+    legacy_names = _legacy_names(settings)
+    state_tail = (run_id, settings.transform_fingerprint())
+    rejected_ids: list[int] = []
+    claims = Claims() if job.path == "changes" else None
+    sizer = BatchSizer(settings, adaptive=job.own_snapshot)
+    with job.target.cursor() as out:
+        batch_no = 0
+        waited = job.throttle.gate(reader.release)  # a pause set before the start holds it too
+        while True:
+            if batch_no and snapshot.expired():
+                reader.release()  # the next fetch goes on from the last id, in a new snapshot
+            asked = sizer.size
+            batch_started = time.perf_counter()
+            fetched = reader.fetch(asked)
+            if not fetched:
+                break
+            batch_read(batch_no, fetched)
+            # The plan's losers of this batch only (rows come in id order): memory stays
+            # bounded by the batch, however many duplicates the partition holds.
+            losers = _losers(job.target, run_id, fetched[0][0], fetched[-1][0])
+            batch = _transform_batch(
+                fetched, job.transformer, losers, legacy_names, run_id, job.now, result, claims
+            )
+            if job.path in MERGING:
+                rejected_ids += batch.rejected_ids
+            _write_batch(out, batch, users_copy, stamps, job.path, state_tail)
+            seconds = time.perf_counter() - batch_started
+            out.execute(
+                read_sql("copy/record_batch.sql"),
+                (
+                    run_id,
+                    no,
+                    batch_no,
+                    fetched[0][0],
+                    fetched[-1][0],
+                    len(fetched),
+                    len(batch.good),
+                    len(batch.rejects),
+                    seconds,
+                    asked,
+                    snapshot.number,
+                    round(waited, 3),
+                ),
+            )
+            sizer.record(len(fetched), seconds)
+            kill_after_batch(batch_no)
+            batch_no += 1
+            result.read += len(fetched)
+            waited = job.throttle.gate(reader.release)
+        result.batches = batch_no
+    reader.close()
+    snapshot.ensure()  # the merge and the links read on in the last snapshot
+    result.snapshots = snapshot.number
+    result.throttled_seconds = round(job.throttle.waited, 3)
+    if rows.process is None:
+        result.rows_in = result.read
+    return rejected_ids
+
+
+def _merge_and_link(job: _Job, rows: _Rows, rejected_ids: list[int]) -> None:
+    """Merge the staged users and record the sync state (merging paths), then bring the links in line."""
+    source, target, settings, result, path = job.source, job.target, job.settings, job.result, job.path
+    if path in MERGING:
+        _merge(
+            source, target, settings, job.transformer, result, rows.deleted, rejected_ids, job.run_id, job.now
+        )
+        _save_state(target, path, job.lo, job.hi, rows.deleted, job.run_id, settings.transform_fingerprint())
+    elif path == "load":
+        result.inserted = result.migrated
+    # The log and change paths touch the links of the users they processed; the others the range's.
+    scope = None if rows.process is None or path == "delta" else sorted({*rows.process, *rows.deleted})
+    mapping = settings.mapping
+    for key, link in (("groups", mapping.groups), ("permissions", mapping.permissions)):
+        if link is not None:
+            _copy_links(
+                source,
+                target,
+                mapping.schema,
+                link,
+                TARGET_LINKS[key],
+                (job.lo, job.hi, scope),
+                result,
+                settings.dry_run,
+            )
 
 
 def _transform_changed(target: psycopg.Connection, lo: int, hi: int, transform_settings: int) -> bool:
