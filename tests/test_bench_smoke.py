@@ -52,6 +52,7 @@ def test_bench_runs_every_stage_and_reconciles(bench_server: str, tmp_path: Path
             "4",
             "--trigger-cost-statements",
             "500",
+            "--throttle",
             "--throttle-idle-seconds",
             "2",
         ],

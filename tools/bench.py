@@ -1035,11 +1035,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--trigger-cost-users", type=int, default=200_000, help="legacy users copied for the triggers' cost"
     )
-    parser.add_argument("--skip-throttle", action="store_true", help="no first load with the application")
     parser.add_argument(
-        "--throttle-modes",
-        default="off,on",
-        help="first loads with the application running (tools/bench_throttle.py): off, on, defaults",
+        "--throttle",
+        action="store_true",
+        help="first loads with the application running, throttle off and on (tools/bench_throttle.py; ~3 min at 1M)",
+    )
+    parser.add_argument(
+        "--throttle-modes", default="off,on", help="with --throttle: of off, on, defaults, probe"
+    )
+    parser.add_argument(
+        "--throttle-slow-ms",
+        type=int,
+        default=750,
+        help="mode on: the operator's slow state, ms between batches",
     )
     parser.add_argument(
         "--throttle-app-rate", type=float, default=200.0, help="the application's statements/s (half reads)"
@@ -1099,7 +1107,7 @@ def main(argv: list[str] | None = None) -> int:
             "batch_seconds": Settings.batch_seconds,
             "batch_bounds": Settings(batch_size=args.batch_size).batch_bounds(),
         }
-        modes = [m for m in args.throttle_modes.split(",") if m] if not args.skip_throttle else []
+        modes = [m for m in args.throttle_modes.split(",") if m] if args.throttle else []
         if modes:
             # Before the bench's first load: each mode copies the legacy database as generated.
             import bench_throttle
@@ -1115,6 +1123,7 @@ def main(argv: list[str] | None = None) -> int:
             report["throttle"] = bench_throttle.throttle_bench(
                 server_dsn, BENCH_DB, rows, workdir, run_child, base, args.copy_workers, modes,
                 rate=args.throttle_app_rate, idle_seconds=args.throttle_idle_seconds,
+                slow_ms=args.throttle_slow_ms,
             )  # fmt: skip
         print("running the stages, each in a fresh process:")
         stages, details = run_pipeline(args, dsn, rows, run_id, workdir)

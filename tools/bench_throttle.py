@@ -14,14 +14,17 @@ empty target):
 Modes:
 
 - ``off``: fixed batches (batch_seconds 0) and every throttle threshold 0: the copy as fast as it goes.
-- ``defaults``: the Params' defaults as they are (time-boxed batches, thresholds that do not fire here).
-- ``on``: the defaults (time-boxed batches of batch_seconds 0.75, default thresholds) plus a custom
-  probe that bites on this bench: the default thresholds (64 active backends, 10 lock waiters, 30 s
-  replay lag) never fire against one application connection, so the probe counts the application's
-  statements running at the check (client backends not of the migration, active) and the partition
-  pauses whenever there is one (``throttle_probe_pause`` 0.5), checked between every two batches
-  (``throttle_check_ms`` 0); a paused partition re-checks after 0.25 s, then backs off. That is the active-backends signal with a threshold below 1, which the integer Param
-  cannot express.
+- ``defaults``: the Params' defaults as they are: time-boxed batches (batch_seconds 0.75) and the
+  default thresholds (64 active backends, 10 lock waiters, 30 s replay lag), which never fire
+  against one application connection on a dev server.
+- ``on``: the defaults plus the operator's ``slow`` state (tools/throttle.py slow --ms N, default
+  ``slow_ms`` 750): every partition sleeps N ms between batches, holding no legacy snapshot when
+  N >= 1 s. The only throttle setting that bites here every time: a server-state threshold needs
+  load the bench does not make.
+- ``probe``: the defaults plus a custom probe: the application's statements in flight at the check
+  (client backends not of the migration, active), pausing when there is any (``throttle_probe_pause``
+  0.5), checked between every two batches. At 200,000 users it never fired: one connection at
+  200 statements/s is rarely caught mid-statement. Kept to show it.
 
 Reported per mode: the application's p50/p99/max and statements/s idle and during the copy, the
 factors p99(during)/p99(idle) and p50(during)/p50(idle), the copy's seconds and rows/s, the seconds
@@ -38,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import throttle as throttle_cli
 from bench_cutover import _finish_writer, _start_writer, latency_stats
 from psycopg import sql
 
@@ -58,8 +62,9 @@ OFF = {
     "throttle_probe_sql": None,
 }
 # Checked at every batch boundary (throttle_check_ms 0): a time-boxed batch already takes ~0.75 s.
-ON = {"throttle_probe_sql": APP_PROBE, "throttle_probe_pause": 0.5, "throttle_check_ms": 0}
-MODES: dict[str, dict[str, Any]] = {"off": OFF, "on": ON, "defaults": {}}
+PROBE = {"throttle_probe_sql": APP_PROBE, "throttle_probe_pause": 0.5, "throttle_check_ms": 0}
+MODES: dict[str, dict[str, Any]] = {"off": OFF, "on": {}, "defaults": {}, "probe": PROBE}
+SLOWED = ("on",)  # modes run with the operator's manual state: slow
 
 
 def _clone(server_dsn: str, template: str) -> str:
@@ -109,6 +114,7 @@ def one_mode(
     rate: float,
     read_share: float,
     idle_seconds: float,
+    slow_ms: int,
 ) -> dict[str, Any]:
     overrides = MODES[mode]
     started = time.perf_counter()
@@ -124,6 +130,8 @@ def one_mode(
         run_id = f"{base['run_id']}__throttle_{mode}"
         spec = {**base, "dsn": dsn, "run_id": run_id, "settings": overrides}
         run_child({**spec, "stage": "ddl"}, workdir, f"throttle-{mode}-ddl")
+        if mode in SLOWED:  # as an operator would: python tools/throttle.py slow --ms N
+            throttle_cli.set_state(dsn, "slow", slow_ms, "bench")
         plan = run_child({**spec, "stage": "plan"}, workdir, f"throttle-{mode}-plan")["result"]
         # 3. The application, then the copy while it runs.
         proc, out, stop = _app(dsn, workdir, f"throttle-{mode}-copy", rate, read_share)
@@ -161,6 +169,7 @@ def one_mode(
     return {
         "mode": mode,
         "settings": {k: v for k, v in overrides.items()},
+        "manual_state": f"slow {slow_ms} ms" if mode in SLOWED else "run",
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
         "clone_seconds": round(clone_seconds, 3),
@@ -205,6 +214,7 @@ def throttle_bench(
     rate: float = 200.0,
     read_share: float = 0.5,
     idle_seconds: float = 8.0,
+    slow_ms: int = 750,
 ) -> dict[str, Any]:
     started = time.perf_counter()
     results = []
@@ -226,12 +236,14 @@ def throttle_bench(
                 rate,
                 read_share,
                 idle_seconds,
+                slow_ms,
             )
         )
     return {
         "app_rate": rate,
         "read_share": read_share,
         "idle_seconds": idle_seconds,
+        "slow_ms": slow_ms,
         "probe": APP_PROBE,
         "seconds": round(time.perf_counter() - started, 3),
         "modes": results,
