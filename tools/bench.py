@@ -1038,7 +1038,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--throttle",
         action="store_true",
-        help="first loads with the application running, throttle off and on (tools/bench_throttle.py; ~3 min at 1M)",
+        help="first loads with the application running, throttle off and on (tools/bench_throttle.py; ~2 min at 1M)",
     )
     parser.add_argument(
         "--throttle-modes", default="off,on", help="with --throttle: of off, on, defaults, probe"
