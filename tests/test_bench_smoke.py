@@ -52,6 +52,9 @@ def test_bench_runs_every_stage_and_reconciles(bench_server: str, tmp_path: Path
             "4",
             "--trigger-cost-statements",
             "500",
+            "--throttle",
+            "--throttle-idle-seconds",
+            "2",
         ],
         capture_output=True,
         text=True,
@@ -120,6 +123,17 @@ def test_bench_runs_every_stage_and_reconciles(bench_server: str, tmp_path: Path
     assert writes["catch_up_period"]["ok"] > 500
     assert writes["after_switch"]["read_only"] == writes["after_switch"]["statements"] > 0
     assert "cutover with the application writing" in proc.stdout
+
+    # A first load with the application running, throttle off then on, each into an empty target.
+    throttle = report["throttle"]
+    assert [m["mode"] for m in throttle["modes"]] == ["off", "on"]
+    for mode in throttle["modes"]:
+        assert mode["app_errors"] == 0, mode["app_errors_sample"]
+        assert mode["idle"]["reads"]["statements"] > 0 and mode["idle"]["writes"]["statements"] > 0
+        assert mode["during_copy"]["all"]["statements"] > 0 and mode["p99_factor"] > 0
+        assert mode["copy"]["rows"] >= ROWS and mode["copy"]["rows_per_s"] > 0
+    assert report["ratios"]["first_pass_vs_a"] > 0
+    assert "first load with the application" in proc.stdout
 
     # Without --keep the bench cleans up after itself: no database, no backup folder.
     with psycopg.connect(bench_server) as conn:

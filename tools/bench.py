@@ -293,7 +293,8 @@ def _proc_status_kb(field: str) -> int:
 def _settings(spec: dict[str, Any]):
     from user_migration.config import Settings
 
-    return Settings(partitions=spec["partitions"], batch_size=spec["batch_size"])
+    # "settings": Params to change for this stage (the throttle bench's modes); else the defaults.
+    return Settings(partitions=spec["partitions"], batch_size=spec["batch_size"], **spec.get("settings", {}))
 
 
 def _sqlalchemy_url(dsn: str) -> str:
@@ -545,8 +546,11 @@ OPENED: list[psycopg.Connection] = []
 
 
 def _connect(dsn: str) -> psycopg.Connection:
-    """An autocommit connection like the operators' (the stage functions open their own transactions)."""
-    conn = psycopg.connect(dsn, autocommit=True)
+    """An autocommit connection like the operators' (the stage functions open their own transactions),
+    named like theirs (user_migration.db.connect): the throttle does not count the migration's own sessions."""
+    from user_migration.db import APPLICATION_NAME
+
+    conn = psycopg.connect(dsn, autocommit=True, application_name=APPLICATION_NAME)
     OPENED.append(conn)
     return conn
 
@@ -928,6 +932,10 @@ def print_report(report: dict[str, Any]) -> None:
             f"{ratios['copy_only_vs_a']:.3f}); / (b) rows/s = {ratios['copy_vs_b']:.2f}; "
             f"peak RSS (b) / copy = {ratios['rss_b_vs_copy']:.1f}"
         )
+        print(
+            f"  whole first pass (backup..validate) = {ratios['first_pass_seconds']:.2f} s: rows/s / (a) rows/s = "
+            f"{ratios['first_pass_vs_a']:.3f}"
+        )
     print(f"end to end (backup..validate): {total['seconds']:.2f} s of stage work, "
           f"{total['process_seconds']:.2f} s with process start-up")  # fmt: skip
 
@@ -1027,6 +1035,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--trigger-cost-users", type=int, default=200_000, help="legacy users copied for the triggers' cost"
     )
+    parser.add_argument(
+        "--throttle",
+        action="store_true",
+        help="first loads with the application running, throttle off and on (tools/bench_throttle.py; ~2 min at 1M)",
+    )
+    parser.add_argument(
+        "--throttle-modes", default="off,on", help="with --throttle: of off, on, defaults, probe"
+    )
+    parser.add_argument(
+        "--throttle-slow-ms",
+        type=int,
+        default=750,
+        help="mode on: the operator's slow state, ms between batches",
+    )
+    parser.add_argument(
+        "--throttle-app-rate", type=float, default=200.0, help="the application's statements/s (half reads)"
+    )
+    parser.add_argument(
+        "--throttle-idle-seconds", type=float, default=8.0, help="the application alone first, this long"
+    )
     parser.add_argument("--profile-copy", help="write a pyinstrument profile of copy partition 0 here")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1068,11 +1096,35 @@ def main(argv: list[str] | None = None) -> int:
             f"({seed['dirty_rows']:,} odd or dirty), {seed['counts']['account_user_groups']:,} group links, "
             f"{seed['counts']['account_user_user_permissions']:,} permission links"
         )
+        from user_migration.config import Settings
+
         report["settings"] = {
             "partitions": args.partitions,
             "batch_size": args.batch_size,
             "copy_workers": args.copy_workers,
+            # The stages run with the Params' defaults: time-boxed batches (batch_size is the first
+            # batch's size; later ones aim at batch_seconds each) and the default throttle thresholds.
+            "batch_seconds": Settings.batch_seconds,
+            "batch_bounds": Settings(batch_size=args.batch_size).batch_bounds(),
         }
+        modes = [m for m in args.throttle_modes.split(",") if m] if args.throttle else []
+        if modes:
+            # Before the bench's first load: each mode copies the legacy database as generated.
+            import bench_throttle
+
+            print("first load with the application running, throttle " + " / ".join(modes) + ":", flush=True)
+            base = {
+                "partitions": args.partitions,
+                "batch_size": args.batch_size,
+                "backup_dir": str(args.backup_dir),
+                "as_of": dt.date.today().isoformat(),
+                "run_id": run_id,
+            }
+            report["throttle"] = bench_throttle.throttle_bench(
+                server_dsn, BENCH_DB, rows, workdir, run_child, base, args.copy_workers, modes,
+                rate=args.throttle_app_rate, idle_seconds=args.throttle_idle_seconds,
+                slow_ms=args.throttle_slow_ms,
+            )  # fmt: skip
         print("running the stages, each in a fresh process:")
         stages, details = run_pipeline(args, dsn, rows, run_id, workdir)
         report["stages"] = stages
@@ -1093,8 +1145,12 @@ def main(argv: list[str] | None = None) -> int:
             indexes = next(s for s in stages if s["stage"] == "indexes")
             loaded = copy["seconds"] + indexes["seconds"]
             report["baselines"] = {"a_sql": a, "b_orm": b}
+            first_pass = report["total"]["seconds"]
             report["ratios"] = {
                 "copy_seconds_with_indexes": round(loaded, 3),
+                # The whole first pass (backup, ddl, plan, copy, indexes, profiles, validate) against (a).
+                "first_pass_seconds": round(first_pass, 3),
+                "first_pass_vs_a": round(_rate(rows, first_pass) / a["rows_per_s"], 4),
                 "copy_vs_a": round(_rate(rows, loaded) / a["rows_per_s"], 4),
                 "copy_vs_a_users": round(_rate(rows, loaded) / a["users_rows_per_s"], 4),
                 "copy_only_vs_a": round(_rate(rows, copy["seconds"]) / a["rows_per_s"], 4),
@@ -1108,6 +1164,9 @@ def main(argv: list[str] | None = None) -> int:
         import bench_cutover
 
         bench_cutover.print_extras(report)
+        import bench_throttle
+
+        bench_throttle.print_throttle(report)
         args.results_dir.mkdir(parents=True, exist_ok=True)
         path = args.results_dir / f"bench-{rows}-{stamp}.json"
         path.write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -6,8 +6,12 @@ traffic instead of writing flat out, and it records the latency of every stateme
 can report p50/p99/max and the longest wait the cutover caused. Each statement is its own
 transaction, like a web request; a delete removes the user's links first, in one transaction.
 
+With ``--read-share`` a share of the statements are reads instead (a user by id with their group
+ids, as a page would load it): the application of the throttle bench (tools/bench_throttle.py);
+without it the writer only writes, as before.
+
 Usage: ``python tools/bench_writer.py --dsn DSN --out OUT.json [--stop-file F] [--count N]
-[--rate WRITES_PER_S] [--seed S] [--schema SCHEMA]``. It stops when the stop file appears or after
+[--rate STATEMENTS_PER_S] [--read-share 0.5] [--seed S] [--schema SCHEMA]``. It stops when the stop file appears or after
 ``--count`` statements; OUT.json holds the wall-clock start and one ``[offset s, seconds, op, status]``
 (status ok, read_only or error; the first few error messages are kept)
 per statement (no personal data: the rows it writes are made up).
@@ -57,6 +61,15 @@ def _update(conn: psycopg.Connection, rng: random.Random, tag: str, n: int, user
     conn.execute(f"UPDATE account_user SET {field} = %s WHERE id = %s", (value, user_id))
 
 
+def _read(conn: psycopg.Connection, user_id: int) -> None:
+    conn.execute(
+        "SELECT u.id, u.email, u.username, u.full_name, u.phone_number, u.is_active, "
+        "array(SELECT g.group_id FROM account_user_groups AS g WHERE g.user_id = u.id) "
+        "FROM account_user AS u WHERE u.id = %s",
+        (user_id,),
+    ).fetchall()
+
+
 def _delete(conn: psycopg.Connection, user_id: int) -> None:
     with conn.transaction():
         conn.execute("DELETE FROM account_user_groups WHERE user_id = %s", (user_id,))
@@ -72,6 +85,7 @@ def run(
     rate: float = 0.0,
     seed: int = 1,
     schema: str | None = None,
+    read_share: float = 0.0,
 ) -> None:
     """Write until stopped; save the per-statement timings to ``out``."""
     rng = random.Random(seed)
@@ -90,11 +104,14 @@ def run(
                 if delay > 0:
                     time.sleep(delay)
             n += 1
-            op = rng.choice(OPS)
+            # Drawn only when asked for: without reads the writer's sequence is the one it always had.
+            op = "read" if read_share > 0 and rng.random() < read_share else rng.choice(OPS)
             began = time.perf_counter()
             status = "ok"
             try:
-                if op == "insert":
+                if op == "read":
+                    _read(conn, rng.randint(1, high))
+                elif op == "insert":
                     high = max(high, _insert(conn, rng, tag, n))
                 elif op == "update":
                     _update(conn, rng, tag, n, rng.randint(1, high))
@@ -119,13 +136,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--stop-file", type=Path)
     parser.add_argument("--count", type=int)
-    parser.add_argument("--rate", type=float, default=0.0, help="writes per second; 0: as fast as it can")
+    parser.add_argument("--rate", type=float, default=0.0, help="statements per second; 0: as fast as it can")
+    parser.add_argument(
+        "--read-share", type=float, default=0.0, help="share of statements that are reads (0: writes only)"
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--schema", help="search_path for the writes (the bench's trigger-cost copy)")
     args = parser.parse_args()
     if args.stop_file is None and args.count is None:
         parser.error("give --stop-file or --count")
-    run(args.dsn, args.out, args.stop_file, args.count, args.rate, args.seed, args.schema)
+    run(args.dsn, args.out, args.stop_file, args.count, args.rate, args.seed, args.schema, args.read_share)
 
 
 if __name__ == "__main__":
