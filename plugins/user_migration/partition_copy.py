@@ -216,15 +216,14 @@ def copy_partition(
     throttle = Throttle(settings, run_id, partition["partition_no"], source, target, enabled=own_snapshot)
     try:
         try:
-            result = _copy(source, target, settings, run_id, partition, own_snapshot, throttle)
+            result = _copy(_Job.start(source, target, settings, run_id, partition, own_snapshot, throttle))
         except psycopg.errors.UniqueViolation:
             if not partition.get("initial_load") or not own_snapshot:
                 raise
             # A legacy row changed after the plan; the plain load cannot settle that, the merge can.
             _rollback(source, target)
-            result = _copy(
-                source, target, settings, run_id, {**partition, "initial_load": False}, own_snapshot, throttle
-            )
+            merge = {**partition, "initial_load": False}
+            result = _copy(_Job.start(source, target, settings, run_id, merge, own_snapshot, throttle))
     except Exception as exc:
         if not own_snapshot:
             raise
@@ -353,18 +352,10 @@ class _Rows:
     deleted: list[int] = field(default_factory=list)
 
 
-def _copy(
-    source: psycopg.Connection,
-    target: psycopg.Connection,
-    settings: Settings,
-    run_id: str,
-    partition: dict[str, Any],
-    own_snapshot: bool,
-    throttle: Throttle,
-) -> PartitionResult:
+def _copy(job: _Job) -> PartitionResult:
     """The partition's one target transaction: clear the attempt, stage, read, write, merge, links."""
     started = time.perf_counter()
-    job = _Job.start(source, target, settings, run_id, partition, own_snapshot, throttle)
+    source, target, settings, partition = job.source, job.target, job.settings, job.partition
     with target.transaction():
         if partition.get("lease_run_id"):
             hold_lease(target, partition["lease_run_id"])
@@ -372,14 +363,14 @@ def _copy(
         job.result.path = _choose_path(job)
         users_copy, stamps = _prepare_staging(job)
         with source.transaction():
-            if own_snapshot:
+            if job.own_snapshot:
                 source.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            snapshot = Snapshot(source, own_snapshot, settings.max_snapshot_seconds)
+            snapshot = Snapshot(source, job.own_snapshot, settings.max_snapshot_seconds)
             rows = _rows_to_read(job)
             rejected_ids = _copy_batches(job, rows, snapshot, users_copy, stamps)
             _merge_and_link(job, rows, rejected_ids)
         job.result.seconds = round(time.perf_counter() - started, 3)
-        target.execute(read_sql("copy/partition_done.sql"), {**job.result.as_dict(), "run_id": run_id})
+        target.execute(read_sql("copy/partition_done.sql"), {**job.result.as_dict(), "run_id": job.run_id})
     return job.result
 
 
