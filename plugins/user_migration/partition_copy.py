@@ -299,6 +299,7 @@ class _Job:
     now: dt.datetime
     select: sql.Composed
     id_column: sql.Identifier
+    transform_settings: int  # Settings.transform_fingerprint(), recorded with every state row
 
     @classmethod
     def start(
@@ -329,6 +330,7 @@ class _Job:
                 legacy_select_list(mapping), row_hash_sql(mapping), users_table(mapping)
             ),
             sql.Identifier(mapping.column("id")),
+            settings.transform_fingerprint(),
         )
 
     @property
@@ -411,7 +413,7 @@ def _choose_path(job: _Job) -> str:
         path = "log"
     else:
         path = "delta" if has_state else "merge"
-    if path in ("log", "delta") and _transform_changed(target, lo, hi, job.settings.transform_fingerprint()):
+    if path in ("log", "delta") and _transform_changed(target, lo, hi, job.transform_settings):
         job.result.full_because = TRANSFORM_CHANGED
         return "merge"
     return path
@@ -497,7 +499,7 @@ def _copy_batches(
             source, snapshot, job.select, job.id_column, (job.lo, job.hi), f"partition_{no}"
         )
     legacy_names = _legacy_names(settings)
-    state_tail = (run_id, settings.transform_fingerprint())
+    state_tail = (run_id, job.transform_settings)
     rejected_ids: list[int] = []
     claims = Claims() if job.path == "changes" else None
     sizer = BatchSizer(settings, adaptive=job.own_snapshot)
@@ -562,7 +564,7 @@ def _merge_and_link(job: _Job, rows: _Rows, rejected_ids: list[int]) -> None:
         _merge(
             source, target, settings, job.transformer, result, rows.deleted, rejected_ids, job.run_id, job.now
         )
-        _save_state(target, path, job.lo, job.hi, rows.deleted, job.run_id, settings.transform_fingerprint())
+        _save_state(target, path, job.lo, job.hi, rows.deleted, job.run_id, job.transform_settings)
     elif path == "load":
         result.inserted = result.migrated
     # The log and change paths touch the links of the users they processed; the others the range's.
