@@ -156,6 +156,73 @@ def test_cutover_gives_up_within_its_timeout_when_a_long_transaction_holds_the_t
         conn.execute("UPDATE account_user SET full_name = 'Writable' WHERE id = 1")
 
 
+SIGNUP = (
+    "INSERT INTO account_user (password, is_superuser, email, username, full_name, date_of_birth, phone_number, "
+    "is_active, is_staff) VALUES ('pbkdf2_sha256$1$s$h=', false, 'deadlock@example.com', 'deadlock', "
+    "'Dead Lock', '1990-01-01', '9841234567', true, false) RETURNING id",
+    "INSERT INTO account_user_groups (user_id, group_id) SELECT %(id)s, min(id) FROM auth_group",
+)
+# Django's delete: the user's links, then the user, in one transaction.
+DELETE = (
+    "DELETE FROM account_user_groups WHERE user_id = %(id)s",
+    "DELETE FROM account_user WHERE id = %(id)s",
+)
+
+
+@pytest.mark.parametrize(
+    "statements, waits_on, attempts",
+    [(SIGNUP, "account_user", 2), (DELETE, "account_user_groups", 1)],
+    ids=["signup-deadlocks-and-retries", "django-delete-never-deadlocks"],
+)
+def test_an_application_transaction_across_legacy_tables_costs_at_most_an_attempt(
+    legacy, backup_dir, statements, waits_on, attempts
+):
+    """An application transaction writes one legacy table; the cutover starts locking and waits for
+    it; then the transaction writes another table. The cutover locks the links before the users, as
+    Django deletes them, so a delete just finishes first. A sign-up (user, then link) deadlocks:
+    PostgreSQL aborts the side that waited first (the cutover's attempt), the application's
+    transaction commits, and the next attempt cuts over with its change carried."""
+    validated_pass(legacy, "pass-1", backup_dir)
+    app = psycopg.connect(legacy, application_name="application")
+    first = app.execute(statements[0], {"id": 1})  # user 1 has a group link
+    user_id = first.fetchone()[0] if first.description else 1
+    outcome: dict = {}
+
+    def cut() -> None:
+        try:
+            outcome["result"] = cutover(legacy, "pass-1", backoff_seconds=0.1)
+        except Exception as exc:  # reported by the assertions below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=cut)
+    thread.start()
+    try:
+        with psycopg.connect(legacy, autocommit=True) as watcher:
+            deadline = time.monotonic() + 60
+            while not watcher.execute(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE NOT granted AND relation = %s::regclass "
+                "AND mode = 'ExclusiveLock')",
+                (waits_on,),
+            ).fetchone()[0]:
+                assert time.monotonic() < deadline and thread.is_alive(), outcome
+                time.sleep(0.02)
+        app.execute(statements[1], {"id": user_id})
+        app.commit()
+    finally:
+        app.close()
+        thread.join(120)
+    assert "error" not in outcome, outcome
+    result = outcome["result"]
+    assert result["lock_attempts"] == attempts
+    assert result["source_checksum"] == result["target_checksum"]
+    assert migrated(legacy) == expected_target(legacy, dt.date.today())
+    with psycopg.connect(legacy) as conn:
+        links = conn.execute(
+            "SELECT count(*) FROM account_newuser_groups WHERE newuser_id = %s", (user_id,)
+        ).fetchone()[0]
+    assert links == (1 if statements is SIGNUP else 0)
+
+
 def test_pause_while_cutover_holds_the_lock_then_writes_fail(legacy, backup_dir):
     """A write that arrives during the cutover waits for it instead of failing at once."""
     validated_pass(legacy, "pass-1", backup_dir)

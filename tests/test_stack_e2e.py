@@ -101,9 +101,29 @@ class Api:
         while time.monotonic() < deadline:
             run = self("GET", f"/dags/user_migration/dagRuns/{run_id}")
             if run["state"] in ("success", "failed"):
+                if run["state"] == "failed":
+                    self.explain(run_id)
                 return run
             time.sleep(2)
         raise AssertionError(f"run {run_id} did not finish in {timeout} s (state {run['state']})")
+
+    def explain(self, run_id: str) -> None:
+        """Print the failed tasks' logs (the tail): a red CI run then says why, not only that."""
+        for (task_id, index), ti in sorted(self.task_instances(run_id).items()):
+            if ti["state"] not in ("failed", "upstream_failed"):
+                continue
+            print(f"--- {run_id} {task_id}[{index}] {ti['state']} (try {ti['try_number']})")
+            if ti["state"] != "failed":
+                continue
+            suffix = f"?map_index={index}" if index >= 0 else ""
+            path = f"/dags/user_migration/dagRuns/{run_id}/taskInstances/{task_id}/logs/{ti['try_number']}{suffix}"
+            try:
+                content = self("GET", path).get("content", [])
+            except urllib.error.HTTPError as exc:
+                print(f"(log unavailable: {exc})")
+                continue
+            lines = [e.get("event", str(e)) if isinstance(e, dict) else str(e) for e in content]
+            print("\n".join(lines[-40:]))
 
     def wait_for_task_state(self, run_id: str, task_id: str, state: str, timeout: float = 300) -> dict:
         deadline = time.monotonic() + timeout

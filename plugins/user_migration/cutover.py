@@ -88,6 +88,17 @@ def legacy_tables(settings: Settings) -> list[sql.Identifier]:
     return [sql.Identifier(mapping.schema, name) for name in names]
 
 
+def legacy_lock_order(settings: Settings) -> list[sql.Identifier]:
+    """The legacy tables in the order a cutover locks them: the link tables first, the users last.
+
+    LOCK TABLE takes its tables one by one, and a transaction that writes them in the other order
+    deadlocks with it. Django deletes a user's links before the user, in one transaction; the
+    cutover takes that order, and retries the attempt PostgreSQL aborts after any other deadlock.
+    """
+    tables = legacy_tables(settings)
+    return tables[1:] + tables[:1]
+
+
 def active_cutover(target: psycopg.Connection) -> dict[str, Any] | None:
     if target.execute("SELECT to_regclass('migration_audit.cutovers')").fetchone()[0] is None:
         return None  # no run has written to this target yet
@@ -183,11 +194,19 @@ def run_cutover(
         except psycopg.errors.InsufficientPrivilege as exc:
             action = "cutover rehearsal" if options.dry_run else "cutover"
             raise CutoverRefused(privileges.switch_refusal(action, legacy, exc)) from None
-        except psycopg.errors.LockNotAvailable:
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected) as exc:
+            # A deadlock: an application transaction wrote one legacy table, the cutover locked
+            # another, then each waited for the other's. PostgreSQL aborts the cutover's attempt
+            # (it waited first), the application's transaction goes on, and the next attempt locks.
             holders = _lock_holders(legacy, settings)
             if attempt == options.attempts:
+                why = (
+                    "deadlocked with an application transaction each time"
+                    if isinstance(exc, psycopg.errors.DeadlockDetected)
+                    else f"could not be locked within {options.lock_timeout_ms} ms"
+                )
                 raise CutoverRefused(
-                    f"cutover gave up: the legacy tables could not be locked within {options.lock_timeout_ms} ms "
+                    f"cutover gave up: the legacy tables {why} "
                     f"in {options.attempts} attempts ({holders}). Nothing was changed and the tables stay "
                     "writable; retry when the application is quieter, or raise lock_timeout_ms"
                 ) from None
@@ -267,7 +286,7 @@ def _attempt(job: _Job, attempt: int) -> dict[str, Any]:
             requested = time.monotonic()
             legacy.execute(
                 sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(
-                    sql.SQL(", ").join(legacy_tables(job.settings))
+                    sql.SQL(", ").join(legacy_lock_order(job.settings))
                 )
             )
             locked = time.monotonic()
