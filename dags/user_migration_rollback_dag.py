@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 
-from airflow.sdk import DAG, Param
+from airflow.sdk import DAG
 
 from user_migration.operators import POOL, RollbackOperator
+from user_migration.setting_specs import ROLLBACK_PARAMS, dag_params
 
 with DAG(
     dag_id="user_migration_rollback",
@@ -40,37 +41,14 @@ of `user_migration` compares every row.
     max_active_runs=1,
     tags=["migration", "users", "postgres", "rollback"],
     default_args={"owner": "data-platform", "retries": 0, "pool": POOL},
-    params={
-        "confirm": Param(
-            "", type="string", description="Type ROLLBACK to confirm; anything else changes nothing."
-        ),
-        "action": Param(
-            "carry_back",
-            type="string",
-            enum=["carry_back", "restore"],
-            description="carry_back: undo the cutover keeping every change since; restore: reload a backup.",
-        ),
-        "backup_run_id": Param(
-            "",
-            type="string",
-            description="restore only: the run id whose backup folder under USER_MIGRATION_BACKUP_DIR to reload.",
-        ),
-        "legacy_mapping": Param(
-            {},
-            type="object",
-            description=(
+    params=dag_params(
+        ROLLBACK_PARAMS,
+        descriptions={
+            "legacy_mapping": (
                 "Leave empty after a cutover: the rollback uses the mapping, phone_region and invalid_phone "
                 "the cutover's run recorded. Without a cutover (restore only): the legacy_mapping the migration used."
             ),
-        ),
-        "legacy_conn_id": Param(
-            "legacy_db", type="string", description="Airflow connection of the legacy database."
-        ),
-        "target_conn_id": Param(
-            "target_db",
-            type="string",
-            description="Airflow connection of the target database; the legacy one when it is not defined.",
-        ),
-    },
+        },
+    ),
 ) as dag:
     RollbackOperator(task_id="rollback")

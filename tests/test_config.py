@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from user_migration import setting_specs
 from user_migration.config import MAPPING_FILE_ENV, ConfigError, Settings, load_mapping
 
 
@@ -116,3 +117,69 @@ def test_backup_retention_from_defaults_environment_then_params(monkeypatch):
     monkeypatch.setenv("USER_MIGRATION_BACKUP_KEEP", "lots")
     with pytest.raises(ConfigError, match="environment variable USER_MIGRATION_BACKUP_KEEP must be a whole"):
         Settings.from_params({})
+
+
+def _dag(filename: str):
+    """The DAG object of a file in dags/, imported as the scheduler's parser would (no database)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "dags" / filename
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.dag
+
+
+def test_every_setting_has_one_spec_and_the_dags_params_are_built_from_it():
+    import dataclasses
+
+    settings_fields = {f.name for f in dataclasses.fields(Settings)}
+    specified = {spec.setting for spec in setting_specs.SPECS if spec.field != ""}
+    assert specified == settings_fields  # a new setting needs its spec, and the spec a setting
+
+    pass_params = _dag("user_migration_dag.py").params
+    assert set(pass_params) == set(setting_specs.PASS_PARAMS)
+    for spec in setting_specs.SPECS:
+        if spec.field == "":
+            continue
+        param = pass_params.get_param(spec.name)
+        assert param.description == spec.description
+        for keyword, value in spec.param_schema().items():
+            assert param.schema[keyword] == value, (spec.name, keyword)
+        expected = (
+            getattr(Settings, spec.setting, None)
+            if spec.param_default is setting_specs.FROM_SETTINGS
+            else None
+        )
+        if spec.param_default is setting_specs.FROM_SETTINGS:
+            assert param.value == expected, spec.name
+    rollback_params = _dag("user_migration_rollback_dag.py").params
+    assert set(rollback_params) == set(setting_specs.ROLLBACK_PARAMS)
+    assert rollback_params["lock_timeout_ms"] == Settings.lock_timeout_ms
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        s
+        for s in __import__("user_migration.setting_specs").setting_specs.SPECS
+        if s.type in ("integer", "number")
+    ],
+    ids=lambda s: s.name,
+)
+def test_the_trigger_form_and_the_task_refuse_the_same_out_of_range_values(spec):
+    """Just above the maximum and just below the minimum: refused by the Param and by from_params."""
+    from airflow.sdk import Param
+    from airflow.sdk.exceptions import ParamValidationError
+
+    param = Param(None, **spec.param_schema())
+    for bad in (spec.maximum + 1, spec.minimum - 1):
+        bad = int(bad) if spec.type == "integer" else bad
+        with pytest.raises(ParamValidationError):
+            param.resolve(bad)
+        with pytest.raises(ConfigError, match=spec.name):
+            Settings.from_params({spec.name: bad})
+    good = int(spec.maximum) if spec.type == "integer" else spec.maximum
+    assert param.resolve(good) == good
+    assert getattr(Settings.from_params({spec.name: good}), spec.setting) == good

@@ -16,6 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from user_migration import setting_specs
+from user_migration.setting_specs import MAX_BATCH_SIZE, MAX_PARTITIONS  # noqa: F401 (re-exported)
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INCLUDE_DIR = REPO_ROOT / "include"
 DEFAULT_MAPPING_FILE = INCLUDE_DIR / "config" / "legacy_mapping.json"
@@ -25,8 +28,6 @@ DEFAULT_BACKUP_DIR = REPO_ROOT / "var" / "backups"
 # Backup retention (retention.py): how many unpinned backups to keep, and for how many days.
 BACKUP_KEEP_ENV = "USER_MIGRATION_BACKUP_KEEP"
 BACKUP_KEEP_DAYS_ENV = "USER_MIGRATION_BACKUP_KEEP_DAYS"
-MAX_BACKUP_KEEP = 100_000
-MAX_BACKUP_KEEP_DAYS = 3_650
 
 # Canonical field names, in the order rows travel through the pipeline.
 FIELDS = (
@@ -49,10 +50,8 @@ OPTIONAL_FIELD_DEFAULTS: dict[str, Any] = {
     "is_staff": False,
     "is_active": True,
 }
-MAX_BATCH_SIZE = 1_000_000
 # A throttle probe (Param throttle_probe_sql) is one SELECT; longer text is more likely a mistake.
 MAX_PROBE_CHARS = 2_000
-MAX_PARTITIONS = 256
 PG_IDENTIFIER_MAX_BYTES = 63
 
 
@@ -245,16 +244,17 @@ class Settings:
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> Settings:
-        def integer(name: str, low: int, high: int) -> int:
-            value = params.get(name, getattr(cls, name))
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
-            if not low <= value <= high:
-                raise ConfigError(f"{name} must be from {low} to {high}, got {value}")
-            return value
+        """Checked settings from a run's Params: each against its one specification (setting_specs)."""
 
-        def retention(name: str, env: str, high: int) -> int:
+        def checked(spec: setting_specs.Spec) -> Any:
+            try:
+                return spec.check(params.get(spec.name, getattr(cls, spec.name)))
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+
+        def retention(name: str, env: str) -> int:
             """The Param when given, else the environment variable, else the default."""
+            high = setting_specs.BY_NAME[name].maximum
             value = params.get(name)
             where = f"Param {name}"
             if value is None:
@@ -274,12 +274,6 @@ class Settings:
                 )
             return value
 
-        def number(name: str, low: float, high: float) -> float:
-            value = params.get(name, getattr(cls, name))
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-                raise ConfigError(f"{name} must be a number from {low:g} to {high:g}, got {value!r}")
-            return float(value)
-
         region = str(params.get("phone_region", cls.phone_region) or "").upper()
         import phonenumbers
 
@@ -288,54 +282,25 @@ class Settings:
                 f"phone_region {region!r} is not a region phonenumbers knows; use a two-letter ISO 3166 code "
                 "such as NP, IN, US or GB"
             )
-        invalid_phone = params.get("invalid_phone", cls.invalid_phone)
-        if invalid_phone not in ("fix", "reject"):
-            raise ConfigError(f"invalid_phone must be 'fix' or 'reject', got {invalid_phone!r}")
-        ratio = params.get("max_reject_ratio", cls.max_reject_ratio)
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
-            raise ConfigError(f"max_reject_ratio must be a number from 0 to 1, got {ratio!r}")
-        flags = {}
-        for name in ("dry_run", "cutover", "full_reconcile", "require_approval"):
-            flags[name] = params.get(name, getattr(cls, name))
-            if not isinstance(flags[name], bool):
-                raise ConfigError(f"{name} must be true or false, got {flags[name]!r}")
-        return cls(
-            batch_size=integer("batch_size", 1, MAX_BATCH_SIZE),
-            partitions=integer("partitions", 1, MAX_PARTITIONS),
-            phone_region=region,
-            invalid_phone=invalid_phone,
-            dry_run=flags["dry_run"],
-            cutover=flags["cutover"],
-            full_reconcile=flags["full_reconcile"],
-            require_approval=flags["require_approval"],
-            approval_timeout_minutes=integer("approval_timeout_minutes", 1, 10_080),
-            lock_timeout_ms=integer("lock_timeout_ms", 10, 600_000),
-            cutover_attempts=integer("cutover_attempts", 1, 50),
-            lock_wait_seconds=integer("lock_wait_seconds", 0, 86_400),
-            lease_stale_minutes=integer("lease_stale_minutes", 1, 10_080),
-            lease_grace_seconds=integer("lease_grace_seconds", 30, 86_400),
-            backup_keep=retention("backup_keep", BACKUP_KEEP_ENV, MAX_BACKUP_KEEP),
-            backup_keep_days=retention("backup_keep_days", BACKUP_KEEP_DAYS_ENV, MAX_BACKUP_KEEP_DAYS),
-            max_reject_ratio=float(ratio),
-            batch_seconds=number("batch_seconds", 0, 600),
-            batch_min_rows=integer("batch_min_rows", 1, MAX_BATCH_SIZE),
-            batch_max_rows=integer("batch_max_rows", 0, MAX_BATCH_SIZE),
-            max_snapshot_seconds=number("max_snapshot_seconds", 0, 86_400),
-            throttle_check_ms=integer("throttle_check_ms", 0, 600_000),
-            throttle_active_backends_pause=integer("throttle_active_backends_pause", 0, 1_000_000),
-            throttle_active_backends_stop=integer("throttle_active_backends_stop", 0, 1_000_000),
-            throttle_lock_waiters_pause=integer("throttle_lock_waiters_pause", 0, 1_000_000),
-            throttle_lock_waiters_stop=integer("throttle_lock_waiters_stop", 0, 1_000_000),
-            throttle_replay_lag_pause=number("throttle_replay_lag_pause", 0, 86_400),
-            throttle_replay_lag_stop=number("throttle_replay_lag_stop", 0, 86_400),
-            throttle_probe_sql=probe_sql(params.get("throttle_probe_sql")),
-            throttle_probe_pause=number("throttle_probe_pause", 0, 1e12),
-            throttle_probe_stop=number("throttle_probe_stop", 0, 1e12),
-            throttle_max_pause_seconds=integer("throttle_max_pause_seconds", 0, 604_800),
-            legacy_conn_id=_identifier(params.get("legacy_conn_id", cls.legacy_conn_id), "legacy_conn_id"),
-            target_conn_id=_identifier(params.get("target_conn_id", cls.target_conn_id), "target_conn_id"),
-            mapping=load_mapping(params.get("legacy_mapping") or None),
-        )
+        special = {
+            "phone_region": lambda: region,
+            "backup_keep": lambda: retention("backup_keep", BACKUP_KEEP_ENV),
+            "backup_keep_days": lambda: retention("backup_keep_days", BACKUP_KEEP_DAYS_ENV),
+            "throttle_probe_sql": lambda: probe_sql(params.get("throttle_probe_sql")),
+            "legacy_conn_id": lambda: _identifier(
+                params.get("legacy_conn_id", cls.legacy_conn_id), "legacy_conn_id"
+            ),
+            "target_conn_id": lambda: _identifier(
+                params.get("target_conn_id", cls.target_conn_id), "target_conn_id"
+            ),
+            "legacy_mapping": lambda: load_mapping(params.get("legacy_mapping") or None),
+        }
+        values = {}
+        for spec in setting_specs.SPECS:
+            if spec.field == "":
+                continue  # the rollback DAG's own Params
+            values[spec.setting] = special[spec.name]() if spec.name in special else checked(spec)
+        return cls(**values)
 
     def batch_bounds(self) -> tuple[int, int]:
         """(fewest, most) rows a time-boxed batch may hold; batch_size lies between them."""
