@@ -210,9 +210,8 @@ def prune_backups(
             "this platform's shutil.rmtree can follow symlinks while deleting; backup retention refuses to "
             "run. Set backup_keep and backup_keep_days high, or prune the backups by hand"
         )
-    backups, skipped = _backups(target, real_root)
+    backups, result["skipped"] = _backups(target, real_root)
     delete, kept, newest, covering = _decide(backups, real_root, keep, keep_days, run_id)
-    result["skipped"] = skipped
     result["newest_complete"] = newest.folder if newest else None
     if covering is not None:
         result["covering_backup"] = str(real_root / covering.folder)
@@ -221,18 +220,43 @@ def prune_backups(
         result["kept_by_reason"][reason] = result["kept_by_reason"].get(reason, 0) + 1
         if backup.pinned:
             result["pinned"].append({"folder": backup.folder, "run_id": backup.run_id, "reason": reason})
+    removals = _removals(real_root, delete)
+    if not apply:
+        result["deleted"] = [
+            {"folder": f, "run_id": r, "reason": why, "bytes": None} for f, r, why in removals
+        ]
+        return result
+    result["failed"] = _delete(target, real_root, run_id, removals)
+    # From the audit trail, so a retried report task still lists what its first attempt deleted.
+    result["deleted"] = [
+        {"folder": folder, "run_id": backup_run, "reason": reason, "bytes": size}
+        for folder, backup_run, reason, size in target.execute(
+            "SELECT folder, backup_run_id, reason, bytes FROM migration_audit.backup_deletions "
+            "WHERE run_id = %s ORDER BY id",
+            (run_id,),
+        )
+    ]
+    result["freed_bytes"] = sum(d["bytes"] or 0 for d in result["deleted"])
+    return result
+
+
+def _removals(real_root: Path, delete: list[tuple[_Backup, str]]) -> list[tuple[str, str | None, str]]:
+    """(folder, run id, reason) of each backup to delete, then the leftovers of interrupted deletions."""
     removals = [(b.folder, b.run_id, reason) for b, reason in delete]
     # Leftovers of a removal interrupted by an earlier pass (renamed, never a backup any more).
     with os.scandir(real_root) as entries:
         leftovers = sorted(
             e.name for e in entries if e.name.startswith(PRUNING_PREFIX) and e.is_dir(follow_symlinks=False)
         )
-    removals += [(name, None, "leftover of an interrupted deletion") for name in leftovers]
+    return removals + [(name, None, "leftover of an interrupted deletion") for name in leftovers]
+
+
+def _delete(
+    target: psycopg.Connection, real_root: Path, run_id: str, removals: list[tuple[str, str | None, str]]
+) -> list[dict[str, Any]]:
+    """Delete each folder and record it in migration_audit.backup_deletions; returns the failures."""
+    failed = []
     for folder, backup_run, reason in removals:
-        entry: dict[str, Any] = {"folder": folder, "run_id": backup_run, "reason": reason}
-        if not apply:
-            result["deleted"].append({**entry, "bytes": None})
-            continue
         try:
             if folder.startswith(PRUNING_PREFIX):
                 size = _folder_bytes(real_root / folder)
@@ -241,7 +265,9 @@ def prune_backups(
                 size = _remove(real_root, folder)
         except OSError as exc:
             log.warning("backup retention could not delete %s: %s", folder, exc.strerror or exc)
-            result["failed"].append({**entry, "error": exc.strerror or str(exc)})
+            failed.append(
+                {"folder": folder, "run_id": backup_run, "reason": reason, "error": exc.strerror or str(exc)}
+            )
             continue
         with target.transaction():
             target.execute(
@@ -254,15 +280,4 @@ def prune_backups(
                     "bytes": size,
                 },
             )
-    if apply:
-        # From the audit trail, so a retried report task still lists what its first attempt deleted.
-        result["deleted"] = [
-            {"folder": folder, "run_id": backup_run, "reason": reason, "bytes": size}
-            for folder, backup_run, reason, size in target.execute(
-                "SELECT folder, backup_run_id, reason, bytes FROM migration_audit.backup_deletions "
-                "WHERE run_id = %s ORDER BY id",
-                (run_id,),
-            )
-        ]
-        result["freed_bytes"] = sum(d["bytes"] or 0 for d in result["deleted"])
-    return result
+    return failed
