@@ -29,7 +29,7 @@ from psycopg import sql
 
 from user_migration import audit, privileges
 from user_migration.backup import verify_backup
-from user_migration.config import FIELDS, Settings
+from user_migration.config import FIELDS, LinkTable, Settings
 from user_migration.cutover import active_cutover, set_legacy_read_only
 from user_migration.db import (
     copy_batches,
@@ -433,48 +433,54 @@ class _Carrier:
         legacy.execute("ANALYZE rollback_scope")
         totals = {"links_added": 0, "links_removed": 0}
         for key, link in (("groups", mapping.groups), ("permissions", mapping.permissions)):
-            if link is None:
-                continue
-            table, other = TARGET_LINKS[key]
-            legacy.execute("TRUNCATE rollback_links, rollback_link_changes")
-            copy_batches(
-                target,
-                "rollback_links",
-                sql.SQL("SELECT id, newuser_id, {} FROM {} ORDER BY id").format(
-                    sql.Identifier(other), sql.Identifier(table)
-                ),
-                None,
-                legacy,
-                "COPY rollback_links (id, user_id, other_id) FROM STDIN",
-                BATCH,
-            )
-            legacy.execute("ANALYZE rollback_links")
-            statements = sql.SQL(read_sql("rollback/carry_links.sql")).format(
-                link=sql.Identifier(mapping.schema, link.table),
-                qualified=sql.Literal(sql.Identifier(mapping.schema, link.table).as_string(legacy)),
-                user=sql.Identifier(link.user_column),
-                other=sql.Identifier(link.other_column),
-            )
-            try:
-                with legacy.transaction():
-                    legacy.execute(statements)
-                    legacy.execute("SET CONSTRAINTS ALL IMMEDIATE")  # a missing group fails here, by name
-            except psycopg.errors.ForeignKeyViolation as exc:
-                raise MigrationError(
-                    f"rollback stopped, nothing changed: a link in {table} cannot be carried back to "
-                    f"{mapping.schema}.{link.table} ({exc.diag.message_detail or exc.diag.constraint_name}); "
-                    "create what it points at on the legacy side, or remove the link, and run the rollback again"
-                ) from None
-            per_user = sql.SQL(
-                "SELECT user_id, sum(added), sum(removed) FROM rollback_link_changes GROUP BY user_id ORDER BY user_id"
-            )
-            for rows in fetch_batches(legacy, "rollback_link_changes", per_user, size=BATCH):
-                self._record(
-                    [(uid, f"links:{link.table}", f"+{added} -{removed}") for uid, added, removed in rows]
-                )
-                totals["links_added"] += sum(row[1] for row in rows)
-                totals["links_removed"] += sum(row[2] for row in rows)
+            if link is not None:
+                added, removed = self._carry_link_table(TARGET_LINKS[key], link)
+                totals["links_added"] += added
+                totals["links_removed"] += removed
         return totals
+
+    def _carry_link_table(self, target_table: tuple[str, str], link: LinkTable) -> tuple[int, int]:
+        """One link table: stage the target's links, apply carry_links.sql, record each user's change."""
+        legacy, mapping = self.legacy, self.mapping
+        table, other = target_table
+        legacy.execute("TRUNCATE rollback_links, rollback_link_changes")
+        copy_batches(
+            self.target,
+            "rollback_links",
+            sql.SQL("SELECT id, newuser_id, {} FROM {} ORDER BY id").format(
+                sql.Identifier(other), sql.Identifier(table)
+            ),
+            None,
+            legacy,
+            "COPY rollback_links (id, user_id, other_id) FROM STDIN",
+            BATCH,
+        )
+        legacy.execute("ANALYZE rollback_links")
+        statements = sql.SQL(read_sql("rollback/carry_links.sql")).format(
+            link=sql.Identifier(mapping.schema, link.table),
+            qualified=sql.Literal(sql.Identifier(mapping.schema, link.table).as_string(legacy)),
+            user=sql.Identifier(link.user_column),
+            other=sql.Identifier(link.other_column),
+        )
+        try:
+            with legacy.transaction():
+                legacy.execute(statements)
+                legacy.execute("SET CONSTRAINTS ALL IMMEDIATE")  # a missing group fails here, by name
+        except psycopg.errors.ForeignKeyViolation as exc:
+            raise MigrationError(
+                f"rollback stopped, nothing changed: a link in {table} cannot be carried back to "
+                f"{mapping.schema}.{link.table} ({exc.diag.message_detail or exc.diag.constraint_name}); "
+                "create what it points at on the legacy side, or remove the link, and run the rollback again"
+            ) from None
+        per_user = sql.SQL(
+            "SELECT user_id, sum(added), sum(removed) FROM rollback_link_changes GROUP BY user_id ORDER BY user_id"
+        )
+        added = removed = 0
+        for rows in fetch_batches(legacy, "rollback_link_changes", per_user, size=BATCH):
+            self._record([(uid, f"links:{link.table}", f"+{a} -{r}") for uid, a, r in rows])
+            added += sum(row[1] for row in rows)
+            removed += sum(row[2] for row in rows)
+        return added, removed
 
     def advance_sequence(self) -> None:
         advance_sequence(self.legacy, self.users, self.mapping.column("id"))
@@ -518,7 +524,6 @@ def restore(
     if missing:
         raise MigrationError(f"backup {folder} has no file for {', '.join(missing)}; refusing to restore")
     loaded: dict[str, int] = {}
-    changes: dict[str, dict[str, int]] = {}
     try:
         with legacy.transaction():
             staged = [
@@ -537,16 +542,7 @@ def restore(
             for table in staged:
                 _refuse_lost_references(legacy, table, staged)
             set_legacy_read_only(legacy, settings, None)
-            for key, table in reversed(list(zip(loaded, staged, strict=True))):
-                changes[key] = {"deleted": legacy.execute(table.statement("restore_delete.sql")).rowcount}
-            for key, table in zip(loaded, staged, strict=True):
-                if table.others:
-                    changes[key]["updated"] = legacy.execute(table.statement("restore_update.sql")).rowcount
-                else:
-                    changes[key]["updated"] = 0
-                changes[key]["inserted"] = legacy.execute(table.statement("restore_insert.sql")).rowcount
-                if len(table.key) == 1:
-                    advance_sequence(legacy, table.live, table.key[0])
+            changes = _apply_difference(legacy, dict(zip(loaded, staged, strict=True)))
             legacy.execute("SET CONSTRAINTS ALL IMMEDIATE")  # a backup link to a vanished group fails here
             for table in staged:
                 legacy.execute(sql.SQL("DROP TABLE {}").format(table.staging))
@@ -574,6 +570,24 @@ def restore(
                 (f"restore from {folder.name}", cut["id"]),
             )
     return {"backup": str(folder), "restored": loaded, "changes": changes}
+
+
+def _apply_difference(legacy: psycopg.Connection, staged: dict[str, _Staged]) -> dict[str, dict[str, int]]:
+    """Delete, update and insert the rows where the live tables differ from the staged backup.
+
+    Deletes run links first, users last (the reverse of the table order); inserts users first.
+    """
+    changes: dict[str, dict[str, int]] = {}
+    for key, table in reversed(staged.items()):
+        changes[key] = {"deleted": legacy.execute(table.statement("restore_delete.sql")).rowcount}
+    for key, table in staged.items():
+        changes[key]["updated"] = (
+            legacy.execute(table.statement("restore_update.sql")).rowcount if table.others else 0
+        )
+        changes[key]["inserted"] = legacy.execute(table.statement("restore_insert.sql")).rowcount
+        if len(table.key) == 1:
+            advance_sequence(legacy, table.live, table.key[0])
+    return changes
 
 
 @dataclass(frozen=True)
