@@ -255,33 +255,23 @@ def _between_commits() -> None:
     """With two databases: the target has committed the cutover as 'switching', the legacy side not yet."""
 
 
+@dataclass
+class _Unlocked:
+    """What the cutover did and read before it asked for the legacy tables' lock."""
+
+    rounds: int
+    caught_up: int
+    before: Any  # the target's verified sums (see _verify_target)
+    legacy_mismatches: Any  # None without the full legacy verification
+    counted: int
+    seen: list[int]
+
+
 def _attempt(job: _Job, attempt: int) -> dict[str, Any]:
-    legacy, target, options, mapping = job.legacy, job.target, job.options, job.settings.mapping
-    full_verify = options.dry_run if options.full_verify is None else options.full_verify
+    legacy, target, options = job.legacy, job.target, job.options
     with legacy.transaction(force_rollback=options.dry_run):
         with nullcontext() if job.same else target.transaction(force_rollback=options.dry_run):
-            _set_lock_timeout(job, f"{options.lock_timeout_ms}ms")
-            target.execute(
-                sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(
-                    sql.SQL(", ").join(map(sql.Identifier, NEW_TABLES))
-                )
-            )
-            rounds, caught_up = _catch_up(job, options.max_backlog, "catch-up")
-            before = _verify_target(target)
-            legacy_mismatches = _verify_legacy(job) if full_verify else None
-            target.execute(
-                sql.SQL(read_sql("cutover/track_changes.sql")).format(fingerprint=fingerprint_sql())
-            )
-            # The verification takes time in proportion to the table (17 s at 10M users): the writes
-            # made meanwhile are caught up now, tracked, so that the lock waits for the last few only.
-            tracked_rounds, tracked_users = _catch_up(job, options.final_backlog, "catch-up-tracked")
-            rounds, caught_up = rounds + tracked_rounds, caught_up + tracked_users
-            counted, seen = legacy.execute(
-                sql.SQL(read_sql("cutover/legacy_snapshot.sql")).format(
-                    users=legacy_tables(job.settings)[0], log=capture.log_table(mapping)
-                )
-            ).fetchone()
-
+            ready = _before_the_lock(job)
             # Writes queue behind the lock from the moment it is asked for, not only once it is held.
             requested = time.monotonic()
             legacy.execute(
@@ -291,27 +281,15 @@ def _attempt(job: _Job, attempt: int) -> dict[str, Any]:
             )
             locked = time.monotonic()
             _set_lock_timeout(job, "30s")
-            if not capture.status(legacy, mapping).installed:
-                raise CutoverRefused(
-                    "cutover refused: a change-capture trigger was dropped or disabled while it ran; nothing was "
-                    "changed. Run a pass (it compares every row and re-arms capture), then cut over"
-                )
-            entries = legacy.execute(
-                sql.SQL("SELECT seq, source, source_id, op FROM {}").format(capture.log_table(mapping))
-            ).fetchall()
-            if any(entry[2] is None for entry in entries):
-                raise CutoverRefused(
-                    "cutover refused: a legacy table was truncated while it ran; nothing was changed. Run a "
-                    "pass (it compares every row), then cut over"
-                )
+            entries = _last_entries(job)
             final = _apply(job, [e for e in entries if e[2] is not None], f"{job.run_id}:cutover")
-            proof = _prove(job, before, _legacy_now(counted, set(seen), entries))
+            proof = _prove(job, ready.before, _legacy_now(ready.counted, set(ready.seen), entries))
             result = {
                 "dry_run": options.dry_run,
                 "lock_attempts": attempt,
-                "catch_up": {"rounds": rounds, "users": caught_up},
+                "catch_up": {"rounds": ready.rounds, "users": ready.caught_up},
                 "final_sync": final,
-                "full_verification": legacy_mismatches is not None,
+                "full_verification": ready.legacy_mismatches is not None,
                 **proof,
             }
             if not options.dry_run:
@@ -331,6 +309,54 @@ def _attempt(job: _Job, attempt: int) -> dict[str, Any]:
                 (pause, result["cutover_id"]),
             )
     return result
+
+
+def _before_the_lock(job: _Job) -> _Unlocked:
+    """Hold the new tables, catch up, verify, track, catch up again, count the legacy users.
+
+    All without the legacy lock, in the attempt's transactions: what is left for the lock is the
+    few changes made since the last catch-up.
+    """
+    legacy, target, options = job.legacy, job.target, job.options
+    full_verify = options.dry_run if options.full_verify is None else options.full_verify
+    _set_lock_timeout(job, f"{options.lock_timeout_ms}ms")
+    target.execute(
+        sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(sql.SQL(", ").join(map(sql.Identifier, NEW_TABLES)))
+    )
+    rounds, caught_up = _catch_up(job, options.max_backlog, "catch-up")
+    before = _verify_target(target)
+    legacy_mismatches = _verify_legacy(job) if full_verify else None
+    target.execute(sql.SQL(read_sql("cutover/track_changes.sql")).format(fingerprint=fingerprint_sql()))
+    # The verification takes time in proportion to the table (17 s at 10M users): the writes
+    # made meanwhile are caught up now, tracked, so that the lock waits for the last few only.
+    tracked_rounds, tracked_users = _catch_up(job, options.final_backlog, "catch-up-tracked")
+    counted, seen = legacy.execute(
+        sql.SQL(read_sql("cutover/legacy_snapshot.sql")).format(
+            users=legacy_tables(job.settings)[0], log=capture.log_table(job.settings.mapping)
+        )
+    ).fetchone()
+    return _Unlocked(
+        rounds + tracked_rounds, caught_up + tracked_users, before, legacy_mismatches, counted, seen
+    )
+
+
+def _last_entries(job: _Job) -> list[tuple[Any, ...]]:
+    """Under the lock: the change log's entries, refusing if capture was removed or a table truncated."""
+    legacy, mapping = job.legacy, job.settings.mapping
+    if not capture.status(legacy, mapping).installed:
+        raise CutoverRefused(
+            "cutover refused: a change-capture trigger was dropped or disabled while it ran; nothing was "
+            "changed. Run a pass (it compares every row and re-arms capture), then cut over"
+        )
+    entries = legacy.execute(
+        sql.SQL("SELECT seq, source, source_id, op FROM {}").format(capture.log_table(mapping))
+    ).fetchall()
+    if any(entry[2] is None for entry in entries):
+        raise CutoverRefused(
+            "cutover refused: a legacy table was truncated while it ran; nothing was changed. Run a "
+            "pass (it compares every row), then cut over"
+        )
+    return entries
 
 
 def _set_lock_timeout(job: _Job, value: str) -> None:
