@@ -214,34 +214,12 @@ def run_backup(
     started = dt.datetime.now(dt.UTC)
     # Whole tables in physical order (COPY table TO: no sort, the fastest read PostgreSQL has).
     tables = [mapping.users_table] + [link.table for link in (mapping.groups, mapping.permissions) if link]
-    entries: list[dict[str, Any]] = []
     try:
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
         with conn.transaction():
             version = conn.execute("SHOW server_version").fetchone()[0]
-            for table in tables:
-                ident = sql.Identifier(mapping.schema, table)
-                path = folder / f"{table}.csv.gz"
-                table_started = dt.datetime.now(dt.UTC)
-                columns = [
-                    d.name
-                    for d in conn.execute(sql.SQL("SELECT * FROM {} LIMIT 0").format(ident)).description
-                ]
-                rows, sha, size = _dump_table(conn, ident, path)
-                entries.append(
-                    {
-                        "table": f"{mapping.schema}.{table}",
-                        "path": path.name,
-                        "rows": rows,
-                        "sha256": sha,
-                        "bytes": size,
-                        "columns": columns,
-                        "format": "csv, header, gzip",
-                        "started_at": table_started.isoformat(),
-                        "finished_at": dt.datetime.now(dt.UTC).isoformat(),
-                    }
-                )
+            entries = [_dump_entry(conn, mapping.schema, table, folder) for table in tables]
         manifest = {
             "run_id": run_id,
             "connection": conn_id,
@@ -250,12 +228,7 @@ def run_backup(
             "finished_at": dt.datetime.now(dt.UTC).isoformat(),
             "tables": entries,
         }
-        tmp = folder / (MANIFEST + ".partial")
-        with _open_private(tmp) as fh:
-            fh.write(json.dumps(manifest, indent=2).encode())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, folder / MANIFEST)
+        _write_manifest(folder, manifest)
     except OSError as exc:
         shutil.rmtree(folder, ignore_errors=True)
         raise MigrationError(
@@ -269,6 +242,36 @@ def run_backup(
         conn.read_only = False
         conn.isolation_level = None
     return BackupResult(folder=str(folder), tables=entries)
+
+
+def _dump_entry(conn: psycopg.Connection, schema: str, table: str, folder: Path) -> dict[str, Any]:
+    """Dump one table into ``folder``; returns its manifest entry (rows, sha256, columns, times)."""
+    ident = sql.Identifier(schema, table)
+    path = folder / f"{table}.csv.gz"
+    started = dt.datetime.now(dt.UTC)
+    columns = [d.name for d in conn.execute(sql.SQL("SELECT * FROM {} LIMIT 0").format(ident)).description]
+    rows, sha, size = _dump_table(conn, ident, path)
+    return {
+        "table": f"{schema}.{table}",
+        "path": path.name,
+        "rows": rows,
+        "sha256": sha,
+        "bytes": size,
+        "columns": columns,
+        "format": "csv, header, gzip",
+        "started_at": started.isoformat(),
+        "finished_at": dt.datetime.now(dt.UTC).isoformat(),
+    }
+
+
+def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Write the manifest last, whole or not at all: its presence marks the backup complete."""
+    tmp = folder / (MANIFEST + ".partial")
+    with _open_private(tmp) as fh:
+        fh.write(json.dumps(manifest, indent=2).encode())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, folder / MANIFEST)
 
 
 def _check_writable(root: Path) -> None:
