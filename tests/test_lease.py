@@ -84,6 +84,40 @@ def test_between_two_tasks_the_lease_is_kept_for_the_grace_then_taken_over(targe
             lease.active(task, "run-a").__enter__()
 
 
+def test_a_run_waiting_for_an_approval_keeps_the_lease_until_its_wait_ends(target):
+    """The cutover's approval runs no task while a person decides; a backfill's run asking meanwhile
+    must not presume it dead after the grace, only once the wait (timeout plus grace) is over."""
+    with connect(target) as task, connect(target) as other:
+        first_task(task, "run-a")
+        lease.wait_for_answer(task, "run-a", 3600)
+        task.execute("UPDATE migration_audit.writer_lease SET renewed_at = now() - interval '10 minutes'")
+        with pytest.raises(lease.LeaseBusy) as busy:
+            lease.acquire(other, "run-b", DAG, wait_seconds=0, stale_minutes=5, grace_seconds=120)
+        assert busy.value.holder == "run-a"
+        assert "waits for a person's answer (the cutover's approval)" in str(busy.value)
+        # The answer came: the cutover task runs and ends; from then on the usual grace applies.
+        with lease.active(task, "run-a"):
+            pass
+        task.execute("UPDATE migration_audit.writer_lease SET renewed_at = now() - interval '121 seconds'")
+        took = lease.acquire(other, "run-b", DAG, wait_seconds=0, stale_minutes=30, grace_seconds=120)
+        assert took is not None and "no task of it has run since the grace" in took
+        # A run that lost its lease cannot start waiting for an answer.
+        with pytest.raises(MigrationError, match="run 'run-a' does not hold the writer lease"):
+            lease.wait_for_answer(task, "run-a", 3600)
+
+
+def test_a_wait_for_an_answer_that_is_over_no_longer_keeps_the_lease(target):
+    with connect(target) as task, connect(target) as other:
+        first_task(task, "run-a")
+        lease.wait_for_answer(task, "run-a", 60)
+        task.execute(
+            "UPDATE migration_audit.writer_lease SET renewed_at = now() - interval '10 minutes', "
+            "waiting_until = now() - interval '1 second'"
+        )
+        took = lease.acquire(other, "run-b", DAG, wait_seconds=0, stale_minutes=30, grace_seconds=120)
+        assert took is not None and took.startswith("took over the writer lease of run 'run-a'")
+
+
 def test_a_task_whose_session_is_gone_loses_the_lease_at_once(target, pg_server):
     with connect(target) as task, connect(target) as other, connect(pg_server) as admin:
         first_task(task, "run-a")

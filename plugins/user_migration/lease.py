@@ -63,6 +63,7 @@ class Holder:
     in_task: bool
     past_grace: bool
     stale: bool
+    waiting_until: datetime | None = None
 
     def dead(self) -> str | None:
         """Why this holder is presumed dead (so its lease may be taken over), or None while it may live."""
@@ -143,7 +144,8 @@ def acquire(
                         "UPDATE migration_audit.writer_lease SET run_id = %(run)s, dag_id = %(dag)s, "
                         "hostname = %(host)s, renewed_at = now(), "
                         "acquired_at = CASE WHEN run_id = %(run)s THEN acquired_at ELSE now() END, "
-                        "task_pids = CASE WHEN run_id = %(run)s THEN task_pids ELSE '{}' END "
+                        "task_pids = CASE WHEN run_id = %(run)s THEN task_pids ELSE '{}' END, "
+                        "waiting_until = NULL "
                         "WHERE target = 'target'",
                         {"run": run_id, "dag": dag_id, "host": socket.gethostname()},
                     )
@@ -181,6 +183,11 @@ def _busy_message(holder: Holder, wait_seconds: float, stale_minutes: float, gra
             f"Its tasks are running now (target sessions {sessions} hold the lease's advisory lock). Let that run "
             "finish; if it hangs, stop it (or end those sessions with pg_terminate_backend) and its lease is "
             "taken over at once"
+        )
+    if holder.waiting_until is not None and holder.waiting_until > holder.renewed_at:
+        return text + (
+            f"It waits for a person's answer (the cutover's approval) until {holder.waiting_until:%Y-%m-%d %H:%M:%S %Z} "
+            "and keeps its lease until then. Answer it (Required actions in the UI), or mark that run failed"
         )
     if holder.lock_aware:
         return text + (
@@ -251,11 +258,28 @@ def renew(conn: psycopg.Connection, run_id: str) -> None:
         )
 
 
+def wait_for_answer(conn: psycopg.Connection, run_id: str, seconds: float) -> None:
+    """``run_id`` runs no task for up to ``seconds`` while a person decides: keep its lease that long.
+
+    Without it, a run waiting for the cutover's approval longer than lease_grace_seconds would be
+    presumed dead by a backfill's run (or another deployment's), which ignores max_active_runs.
+    The run's next task ends the wait. Fails unless ``run_id`` holds the lease.
+    """
+    with conn.transaction():
+        hold(conn, run_id)
+        conn.execute(
+            "UPDATE migration_audit.writer_lease SET renewed_at = now(), "
+            "waiting_until = now() + make_interval(secs => %s) WHERE target = 'target' AND run_id = %s",
+            (seconds, run_id),
+        )
+
+
 def release(conn: psycopg.Connection, run_id: str) -> None:
     """Give the lease up (the run ended); this session stops counting as one of its tasks."""
     with conn.transaction():
         conn.execute(
-            "UPDATE migration_audit.writer_lease SET run_id = NULL, renewed_at = now(), task_pids = '{}' "
+            "UPDATE migration_audit.writer_lease SET run_id = NULL, renewed_at = now(), task_pids = '{}', "
+            "waiting_until = NULL "
             "WHERE target = 'target' AND run_id = %s",
             (run_id,),
         )

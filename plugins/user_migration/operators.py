@@ -681,7 +681,7 @@ class CutoverApprovalOperator(ApprovalOperator):
         from user_migration.approval import render_body
 
         run_id = context["run_id"]
-        figures = self._figures(settings, run_id)
+        figures = self._figures_keeping_the_lease(settings, run_id)
         self.subject = f"Cut over the users table? Run {run_id}: {figures['migrated']} users, {figures['rejected']} rejected"
         self.body = render_body(figures, settings.approval_timeout_minutes)
         self.response_timeout = dt.timedelta(minutes=settings.approval_timeout_minutes)
@@ -693,7 +693,10 @@ class CutoverApprovalOperator(ApprovalOperator):
         )
         return super().execute(context)
 
-    def _figures(self, settings: Settings, run_id: str) -> dict[str, Any]:
+    def _figures_keeping_the_lease(self, settings: Settings, run_id: str) -> dict[str, Any]:
+        """This pass's figures; and the run keeps its writer lease while it waits for the answer
+        (plus the grace, for the cutover task to start), however long that is."""
+        from user_migration import lease
         from user_migration.approval import cutover_figures
         from user_migration.hooks import MigrationDbHook
 
@@ -704,9 +707,14 @@ class CutoverApprovalOperator(ApprovalOperator):
                 target_hook.get_conn(autocommit=True) as target,
                 legacy_hook.get_conn(autocommit=True) as legacy,
             ):
-                return cutover_figures(target, run_id, legacy, settings.mapping)
+                figures = cutover_figures(target, run_id, legacy, settings.mapping)
+                wait = settings.approval_timeout_minutes * 60 + settings.lease_grace_seconds
+                lease.wait_for_answer(target, run_id, wait)
+                return figures
         except ConnectionProblem as exc:
             raise AirflowFailException(str(exc)) from None
+        except MigrationError as exc:  # the lease was taken over: the cutover would fail on it
+            raise AirflowFailException(f"nothing to approve: {exc}") from None
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
         timed_out = bool(event.get("timedout")) or event.get("error_type") == "timeout"

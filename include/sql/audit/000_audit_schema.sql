@@ -175,6 +175,14 @@ BEGIN
             ADD COLUMN IF NOT EXISTS lock_run_id text NULL,
             ADD COLUMN IF NOT EXISTS task_pids integer[] NOT NULL DEFAULT '{}';
     END IF;
+    -- waiting_until: the holder runs no task because it waits for a person's answer (the cutover's
+    -- approval) until then; it is not presumed dead before that time.
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_attribute
+        WHERE attrelid = 'migration_audit.writer_lease'::regclass AND attname = 'waiting_until' AND NOT attisdropped
+    ) THEN
+        ALTER TABLE migration_audit.writer_lease ADD COLUMN IF NOT EXISTS waiting_until timestamptz NULL;
+    END IF;
 END $$;
 
 CREATE TABLE IF NOT EXISTS migration_audit.cutovers (

@@ -6,7 +6,8 @@
 -- Output, one row: run_id, dag_id, hostname, acquired_at, renewed_at; live_pids (other sessions in
 --   this database holding the advisory lock: the holder's tasks executing now); lock_aware (the
 --   holder takes the advisory lock while its tasks run); in_task (a task of the holder was executing
---   when last seen); past_grace, stale (renewed_at older than grace / stale).
+--   when last seen); past_grace, stale (renewed_at older than grace / stale, and not waiting for an
+--   answer: waiting_until unset or past); waiting_until.
 WITH lock_holders AS (
     SELECT array_agg(l.pid ORDER BY l.pid) AS pids
     FROM pg_locks AS l
@@ -18,8 +19,11 @@ SELECT w.run_id, w.dag_id, w.hostname, w.acquired_at, w.renewed_at,
        coalesce(h.pids, '{}'::integer[]) AS live_pids,
        w.lock_run_id IS NOT NULL AND w.lock_run_id = w.run_id AS lock_aware,
        cardinality(w.task_pids) > 0 AS in_task,
-       w.renewed_at < now() - make_interval(secs => %(grace)s) AS past_grace,
-       w.renewed_at < now() - make_interval(secs => %(stale)s) AS stale
+       w.renewed_at < now() - make_interval(secs => %(grace)s)
+           AND (w.waiting_until IS NULL OR w.waiting_until < now()) AS past_grace,
+       w.renewed_at < now() - make_interval(secs => %(stale)s)
+           AND (w.waiting_until IS NULL OR w.waiting_until < now()) AS stale,
+       w.waiting_until
 FROM migration_audit.writer_lease AS w
 CROSS JOIN lock_holders AS h
 WHERE w.target = 'target'

@@ -1,11 +1,12 @@
 -- A task of the holding run starts (%(joining)s true) or ends (false) on this session: renew the
--- lease and list this session's backend pid among the holder's executing tasks, or take it off.
+-- lease (ending any wait for an answer) and list this session's backend pid among the holder's executing tasks, or take it off.
 -- Entries of sessions that no longer hold the advisory lock (tasks that died) are dropped on the way.
 -- Inputs: %(run_id)s: the run the task belongs to (nothing changes unless it holds the lease);
 --   %(lock_class)s, %(lock_obj)s: the advisory lock's key (lease.LOCK_KEY); %(joining)s: boolean.
 -- Output: the number of lease rows updated (1, or 0 when the run does not hold the lease).
 UPDATE migration_audit.writer_lease AS w
 SET renewed_at = now(),
+    waiting_until = NULL,
     lock_run_id = w.run_id,
     task_pids = ARRAY(
         SELECT p FROM unnest(w.task_pids) AS p
