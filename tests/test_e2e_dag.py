@@ -38,8 +38,9 @@ def run_dag(
     target: str | None = None,
     conf=None,
     dag_id: str = "user_migration",
+    extra: dict[str, str] | None = None,
 ):
-    env = airflow_env(airflow_home, legacy, backups, target_dsn=target)
+    env = airflow_env(airflow_home, legacy, backups, target_dsn=target, extra=extra)
     if dag_id == "user_migration":
         conf = {"max_reject_ratio": 0.5, **(conf or {})}  # the fixture is 41% dirty on purpose
     log = tmp_path / f"airflow-{len(list(tmp_path.glob('airflow-*.log')))}.log"
@@ -89,10 +90,37 @@ def personal_values() -> list[str]:
     return [v for v in values if v and len(v) > 4]
 
 
+def openlineage_env(events: Path) -> dict[str, str]:
+    """The OpenLineage provider on, writing every event as one JSON line to ``events``."""
+    transport = {"type": "file", "log_file_path": str(events), "append": True}
+    return {"AIRFLOW__OPENLINEAGE__TRANSPORT": json.dumps(transport)}
+
+
+def lineage_events(events: Path) -> dict[str, list[dict]]:
+    """Task job name (after the DAG's) -> its COMPLETE events' {"inputs", "outputs"} dataset names."""
+    found: dict[str, list[dict]] = {}
+    for line in events.read_text().splitlines():
+        event = json.loads(line)
+        job = event["job"]["name"]
+        if event["eventType"] != "COMPLETE" or not job.startswith("user_migration."):
+            continue
+        found.setdefault(job.removeprefix("user_migration."), []).append(
+            {
+                side: {f"{d['namespace']}/{d['name']}" for d in event.get(side) or []}
+                for side in ("inputs", "outputs")
+            }
+        )
+    return found
+
+
 def test_dag_migrates_the_fixture_exactly_and_leaves_an_audit_trail(
     airflow_home, legacy, backup_dir, tmp_path
 ):
-    code, output = run_dag(airflow_home, legacy, backup_dir, tmp_path)
+    # With OpenLineage on (file transport), and a password in the connection that must go nowhere.
+    events = tmp_path / "openlineage.jsonl"
+    with_password = legacy.replace("postgres@", "postgres:hunter2@", 1)
+    assert with_password != legacy
+    code, output = run_dag(airflow_home, with_password, backup_dir, tmp_path, extra=openlineage_env(events))
     assert code == 0, output[-4000:]
     run_id = latest_run_id(legacy)
 
@@ -148,6 +176,32 @@ def test_dag_migrates_the_fixture_exactly_and_leaves_an_audit_trail(
     for text in (json.dumps(report), markdown, output, json.dumps(extra)):
         for value in personal_values():
             assert value not in text
+
+    # Lineage: the operators' tables reached the OpenLineage transport, named postgres://host:port
+    # and database.schema.table; the legacy users table in, the new tables and the audit trail out.
+    raw = events.read_text()
+    lineage = lineage_events(events)
+    where = f"postgres://{params['host']}:{params['port']}/{params['dbname']}"
+    legacy_users = f"{where}.public.account_user"
+    assert [legacy_users in e["inputs"] for e in lineage["backup"]] == [True]
+    assert lineage["backup"][0]["outputs"] == {f"{where}.migration_audit.runs"}
+    assert len(lineage["copy"]) == 2  # one per mapped partition
+    for event in lineage["copy"]:
+        assert {legacy_users, f"{where}.public.account_user_groups"} <= event["inputs"]
+        assert {
+            f"{where}.public.account_newuser",
+            f"{where}.public.account_newuser_groups",
+            f"{where}.migration_audit.rejected_rows",
+        } <= event["outputs"]
+    # validate reads the new tables and the audit counts, not the legacy rows; writes its results.
+    ((validate,),) = [lineage["validate"]]
+    assert f"{where}.public.account_newuser" in validate["inputs"]
+    assert legacy_users not in validate["inputs"]
+    assert validate["outputs"] == {f"{where}.migration_audit.validation_results"}
+    assert "cutover" not in lineage  # skipped by the scheduler: it never ran
+    assert "hunter2" not in raw  # the connection's password
+    for value in personal_values():
+        assert value not in raw
 
 
 def test_second_run_changes_nothing_and_other_batching_gives_the_same_result(

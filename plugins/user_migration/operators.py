@@ -58,6 +58,8 @@ class _MigrationOperator(BaseOperator):
     # Every task but the first checks that its run still holds the target's writer lease; every task
     # holding it shows, while it runs, that the holder is alive (lease.active).
     renews_lease = True
+    # The task's tables for OpenLineage (user_migration.lineage.LINEAGE); None reports none.
+    lineage_kind: str | None = None
 
     def execute(self, context: Any) -> Any:
         import psycopg
@@ -93,6 +95,7 @@ class _MigrationOperator(BaseOperator):
                 with lease.active(target, run_id, holds=self.renews_lease):
                     result = self.run(context, settings, target)
             except AirflowSkipException as exc:
+                self._skipped = True
                 audit.record_attempt(
                     target, run_id, self.task_id, map_index, ti.try_number, "skipped", str(exc)
                 )
@@ -156,6 +159,33 @@ class _MigrationOperator(BaseOperator):
     def run(self, context: Any, settings: Settings, target: psycopg.Connection) -> Any:
         raise NotImplementedError
 
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """The tables this task read and wrote, for the OpenLineage provider's listener.
+
+        Called after execute() in the task's process (on failure too: the provider falls back to this
+        method). Host, port and database come from the run's connections; no password, no row. A
+        skipped task, or one whose settings were refused, moved no data and reports no table.
+        """
+        from airflow.providers.openlineage.extractors import OperatorLineage
+        from openlineage.client.event_v2 import Dataset
+
+        from user_migration.lineage import task_tables
+
+        settings = getattr(self, "_settings", None)
+        if self.lineage_kind is None or settings is None or getattr(self, "_skipped", False):
+            return OperatorLineage()
+        inputs, outputs = task_tables(
+            self.lineage_kind,
+            settings.mapping,
+            self._legacy_hook.connection_params(),
+            self._target_hook.connection_params(),
+            dry_run=settings.dry_run,
+        )
+        return OperatorLineage(
+            inputs=[Dataset(namespace=t.namespace, name=t.name) for t in inputs],
+            outputs=[Dataset(namespace=t.namespace, name=t.name) for t in outputs],
+        )
+
 
 class LegacyBackupOperator(_MigrationOperator):
     """Check the mapping against the legacy tables, then back them up (gzip'd CSV + manifest).
@@ -163,6 +193,8 @@ class LegacyBackupOperator(_MigrationOperator):
     As the first task it takes the target's writer lease, and after a cutover it ends the pass: the
     whole run is skipped, saying so.
     """
+
+    lineage_kind = "backup"
 
     renews_lease = False
 
@@ -246,6 +278,8 @@ class LegacyBackupOperator(_MigrationOperator):
 class TargetSchemaOperator(_MigrationOperator):
     """Apply the pending versioned DDL of the new schema (skipped on a dry run)."""
 
+    lineage_kind = "ddl"
+
     def run(self, context, settings, target):
         from user_migration.schema import apply_schema
 
@@ -259,6 +293,8 @@ class TargetSchemaOperator(_MigrationOperator):
 
 class MigrationPlanOperator(_MigrationOperator):
     """Split the id range into partitions and decide duplicates globally; returns the partitions."""
+
+    lineage_kind = "plan"
 
     def run(self, context, settings, target):
         from user_migration.plan import make_plan
@@ -276,6 +312,8 @@ class MigrationPlanOperator(_MigrationOperator):
 
 class PartitionCopyOperator(_MigrationOperator):
     """Copy one partition (mapped: one task instance per partition, bounded by the pool)."""
+
+    lineage_kind = "copy"
 
     template_fields = ("partition",)
 
@@ -323,6 +361,8 @@ class PartitionCopyOperator(_MigrationOperator):
 class ProfileInitOperator(_MigrationOperator):
     """Indexes a first load deferred; one account_profile per migrated user; sequences past the copied ids."""
 
+    lineage_kind = "profiles"
+
     def run(self, context, settings, target):
         from user_migration.finalize import finalize_target
 
@@ -351,6 +391,8 @@ class ProfileInitOperator(_MigrationOperator):
 
 class GreatExpectationsValidationOperator(_MigrationOperator):
     """Reconcile the counts and run the Great Expectations suite on the target; store the results."""
+
+    lineage_kind = "validate"
 
     def run(self, context, settings, target):
         from user_migration import audit
@@ -405,6 +447,8 @@ class GreatExpectationsValidationOperator(_MigrationOperator):
 
 class MigrationReportOperator(_MigrationOperator):
     """Write report.json and report.md beside the backup; return the summary (no personal data)."""
+
+    lineage_kind = "report"
 
     def run(self, context, settings, target):
         from user_migration import audit, lease
@@ -540,6 +584,8 @@ class MigrationReportOperator(_MigrationOperator):
 class CutoverOperator(_MigrationOperator):
     """With Param cutover=true (and a passed validation): lock, final sync, prove, make legacy read-only."""
 
+    lineage_kind = "cutover"
+
     def run(self, context, settings, target):
         from user_migration.cutover import CutoverOptions, run_cutover
 
@@ -587,6 +633,8 @@ class CutoverOperator(_MigrationOperator):
 class RollbackOperator(_MigrationOperator):
     """The user_migration_rollback DAG's one job: carry back after a cutover, or restore a backup."""
 
+    lineage_kind = "rollback"
+
     renews_lease = False
 
     def run(self, context, settings, target):
@@ -608,6 +656,7 @@ class RollbackOperator(_MigrationOperator):
                     "empty, the rollback uses that run's mapping; nothing was changed"
                 )
             settings = recorded
+            self._settings = recorded  # the tables it names (lineage) are the cutover run's
         action = params.get("action")
         dag_run = context["dag_run"]
         by = dag_run.triggering_user_name or f"{dag_run.run_type} run"
