@@ -452,46 +452,15 @@ class MigrationReportOperator(_MigrationOperator):
 
     def run(self, context, settings, target):
         from user_migration import audit, lease
-        from user_migration.report import PERSONAL_DATA_NOTE, write_report
-        from user_migration.retention import prune_backups
+        from user_migration.report import build_summary, cutover_outcome, write_report
 
         run_id = context["run_id"]
-        numbers = audit.reconcile(target, run_id)
-        backup = target.execute(
-            "SELECT backup_path, backup_note FROM migration_audit.runs WHERE run_id = %s", (run_id,)
-        ).fetchone()
-        backup_path = backup[0] if backup else None
-        backup_note = backup[1] if backup else None
-        # The pass succeeded: prune old backups now (a dry run only says what it would delete).
-        retention = prune_backups(
-            target,
-            backup_root(),
-            run_id,
-            settings.backup_keep,
-            settings.backup_keep_days,
-            apply=not settings.dry_run,
+        summary = build_summary(target, run_id, settings, backup_root())
+        summary["cutover"] = cutover_outcome(
+            target, settings, run_id, *self._cutover_xcoms(context, settings)
         )
-        started = audit.run_started_at(target, run_id)
-        target_users = None
-        if not settings.dry_run:
-            target_users = target.execute("SELECT count(*) FROM account_newuser").fetchone()[0]
-        summary = {
-            "run_id": run_id,
-            "state": "success",
-            "dry_run": settings.dry_run,
-            **numbers,
-            "target_users": target_users,
-            "checks": audit.validation_results(target, run_id),
-            "backup_path": backup_path,
-            "backup_note": backup_note,
-            "covering_backup": retention["covering_backup"],
-            "retention": retention,
-            "seconds": round((dt.datetime.now(dt.UTC) - started).total_seconds(), 1) if started else None,
-            "settings": {k: v for k, v in settings.public().items() if k != "mapping"},
-            "personal_data": PERSONAL_DATA_NOTE.format(backup=backup_path),
-        }
-        summary["cutover"] = self._cutover_outcome(context, settings, target, run_id)
-        folder = Path(backup_path) if backup_path else backup_root()
+        retention = summary["retention"]
+        folder = Path(summary["backup_path"]) if summary["backup_path"] else backup_root()
         summary["report_files"] = write_report(folder, summary)
         audit.finish_run(target, run_id, "success", summary)
         lease.release(target, run_id)
@@ -530,55 +499,16 @@ class MigrationReportOperator(_MigrationOperator):
         context["outlet_events"][TARGET_USERS_ALIAS].add(asset, extra=pass_extra(summary))
         self.log.info("asset event: %s (pass %s)", asset.uri, summary["run_id"])
 
-    def _cutover_outcome(
-        self, context: Any, settings: Settings, target: psycopg.Connection, run_id: str
-    ) -> dict[str, Any]:
-        """What became of the cutover in this run: not requested, not approved, rehearsed or done.
-
-        Read from the cutover's record (a real cutover), else from the approve_cutover and cutover
-        tasks' return values; ids, counts, timings and the approver's Airflow user name only.
-        """
+    @staticmethod
+    def _cutover_xcoms(context: Any, settings: Settings) -> tuple[dict | None, dict | None]:
+        """The approval's outcome and the cutover task's result, from XCom (None outside Airflow)."""
         ti = context.get("ti")  # absent when the report is run outside Airflow (tests, tools)
-        approval = None
-        if settings.cutover and ti is not None:
-            approval = ti.xcom_pull(task_ids=APPROVAL_TASK, key=APPROVAL_KEY) or ti.xcom_pull(
-                task_ids=APPROVAL_TASK
-            )
-        cut = target.execute(
-            "SELECT run_id, state, cut_at, pause_seconds, source_checksum, target_checksum "
-            "FROM migration_audit.cutovers WHERE run_id = %s ORDER BY id DESC LIMIT 1",
-            (run_id,),
-        ).fetchone()
-        if cut is not None:
-            return {
-                "state": cut[1],
-                "cut_at": cut[2].isoformat(),
-                "write_pause_seconds": round(cut[3], 3),
-                "checksums_equal": cut[4] == cut[5],
-                "approval": approval,
-                "legacy_tables": "read-only" if cut[1] == "active" else "writable",
-            }
-        if not settings.cutover:
-            return {"state": "not_requested", "legacy_tables": "writable"}
-        result = ti.xcom_pull(task_ids="cutover") if ti is not None else None
-        if settings.dry_run and result:
-            return {
-                "state": "rehearsed",
-                "write_pause_seconds": result.get("write_pause_seconds"),
-                "checksums_equal": result.get("source_checksum") == result.get("target_checksum"),
-                "lock_attempts": result.get("lock_attempts"),
-                "legacy_tables": "writable",
-            }
-        if approval and not approval.get("approved"):
-            how = "no answer before the approval timed out" if approval.get("timed_out") else "rejected"
-            by = approval.get("by")
-            return {
-                "state": "not_approved",
-                "decision": f"{how}{f' by {by}' if by else ''}",
-                "approval": approval,
-                "legacy_tables": "writable",
-            }
-        return {"state": "not_done", "approval": approval, "legacy_tables": "writable"}
+        if not settings.cutover or ti is None:
+            return None, None
+        approval = ti.xcom_pull(task_ids=APPROVAL_TASK, key=APPROVAL_KEY) or ti.xcom_pull(
+            task_ids=APPROVAL_TASK
+        )
+        return approval, ti.xcom_pull(task_ids="cutover")
 
 
 class CutoverOperator(_MigrationOperator):

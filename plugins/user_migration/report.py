@@ -6,10 +6,16 @@ email, a phone number or a row: it says where such data is kept instead.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from user_migration.config import Settings
 
 PERSONAL_DATA_NOTE = (
     "Personal data of this run is kept in: the backup files in {backup} (mode 0600, folder 0700), "
@@ -17,6 +23,92 @@ PERSONAL_DATA_NOTE = (
     "migration_audit.field_fixes (original phone values) of the target database. Protect them like "
     "the users table and delete them when the retention period ends."
 )
+
+
+def build_summary(target: psycopg.Connection, run_id: str, settings: Settings, root: Path) -> dict[str, Any]:
+    """The pass's summary from the audit trail, after applying the backup retention under ``root``.
+
+    Old backups are pruned here, once the pass succeeded (a dry run only says what it would delete).
+    The cutover's outcome is added by the caller (``cutover_outcome``).
+    """
+    from user_migration import audit
+    from user_migration.retention import prune_backups
+
+    numbers = audit.reconcile(target, run_id)
+    backup = target.execute(
+        "SELECT backup_path, backup_note FROM migration_audit.runs WHERE run_id = %s", (run_id,)
+    ).fetchone()
+    backup_path, backup_note = backup if backup else (None, None)
+    retention = prune_backups(
+        target, root, run_id, settings.backup_keep, settings.backup_keep_days, apply=not settings.dry_run
+    )
+    started = audit.run_started_at(target, run_id)
+    target_users = None
+    if not settings.dry_run:
+        target_users = target.execute("SELECT count(*) FROM account_newuser").fetchone()[0]
+    return {
+        "run_id": run_id,
+        "state": "success",
+        "dry_run": settings.dry_run,
+        **numbers,
+        "target_users": target_users,
+        "checks": audit.validation_results(target, run_id),
+        "backup_path": backup_path,
+        "backup_note": backup_note,
+        "covering_backup": retention["covering_backup"],
+        "retention": retention,
+        "seconds": round((dt.datetime.now(dt.UTC) - started).total_seconds(), 1) if started else None,
+        "settings": {k: v for k, v in settings.public().items() if k != "mapping"},
+        "personal_data": PERSONAL_DATA_NOTE.format(backup=backup_path),
+    }
+
+
+def cutover_outcome(
+    target: psycopg.Connection,
+    settings: Settings,
+    run_id: str,
+    approval: dict[str, Any] | None,
+    result: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """What became of the cutover in this run: not requested, not approved, rehearsed or done.
+
+    From the cutover's record (a real cutover), else from the approval's outcome and the cutover
+    task's ``result``; ids, counts, timings and the approver's Airflow user name only.
+    """
+    cut = target.execute(
+        "SELECT run_id, state, cut_at, pause_seconds, source_checksum, target_checksum "
+        "FROM migration_audit.cutovers WHERE run_id = %s ORDER BY id DESC LIMIT 1",
+        (run_id,),
+    ).fetchone()
+    if cut is not None:
+        return {
+            "state": cut[1],
+            "cut_at": cut[2].isoformat(),
+            "write_pause_seconds": round(cut[3], 3),
+            "checksums_equal": cut[4] == cut[5],
+            "approval": approval,
+            "legacy_tables": "read-only" if cut[1] == "active" else "writable",
+        }
+    if not settings.cutover:
+        return {"state": "not_requested", "legacy_tables": "writable"}
+    if settings.dry_run and result:
+        return {
+            "state": "rehearsed",
+            "write_pause_seconds": result.get("write_pause_seconds"),
+            "checksums_equal": result.get("source_checksum") == result.get("target_checksum"),
+            "lock_attempts": result.get("lock_attempts"),
+            "legacy_tables": "writable",
+        }
+    if approval and not approval.get("approved"):
+        how = "no answer before the approval timed out" if approval.get("timed_out") else "rejected"
+        by = approval.get("by")
+        return {
+            "state": "not_approved",
+            "decision": f"{how}{f' by {by}' if by else ''}",
+            "approval": approval,
+            "legacy_tables": "writable",
+        }
+    return {"state": "not_done", "approval": approval, "legacy_tables": "writable"}
 
 
 def _write_private(path: Path, text: str) -> None:
