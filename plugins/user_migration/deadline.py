@@ -110,8 +110,16 @@ def _send_email(to: list[str], subject: str, text: str, conn_id: str) -> None:
         smtp.send_email_smtp(to=to, subject=subject, html_content=f"<p>{text}</p>")
 
 
-async def notify_overdue_pass(context: dict[str, Any] | None = None, limit_minutes: float = DEFAULT_MINUTES):
-    """The DeadlineAlert's callback (an AsyncCallback, run by the triggerer)."""
+async def notify_overdue_pass(
+    context: dict[str, Any] | None = None, limit_minutes: float = DEFAULT_MINUTES
+) -> str:
+    """The DeadlineAlert's callback (an AsyncCallback, run by the triggerer).
+
+    Returns the alert's facts as a JSON string, not a dict: Airflow 3.3.2's triggerer stores the
+    return value as is in the Text column ``callback.output`` (TriggererCallback.handle_event), and a
+    dict there makes the commit fail and the whole triggerer process exit, leaving the callback
+    'running' (or 'queued') for good. See docs/operations.md, "The deadline alert".
+    """
     text, facts = alert_text(context, limit_minutes)
     log.warning("DEADLINE MISSED: %s", text)
     failures = []
@@ -134,4 +142,4 @@ async def notify_overdue_pass(context: dict[str, Any] | None = None, limit_minut
         log.error("deadline alert channel: %s", failure)
     if failures:
         raise RuntimeError("; ".join(failures))
-    return facts
+    return json.dumps(facts)
