@@ -17,6 +17,7 @@ import embedded_pg
 import psycopg
 import pytest
 from psycopg import sql
+from support.db import uri_for
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,14 +53,6 @@ def make_db(pg_server: str) -> Iterator[Callable[[str], str]]:
     with psycopg.connect(pg_server, autocommit=True) as conn:
         for name in created:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
-def uri_for(server_dsn: str, dbname: str) -> str:
-    params = psycopg.conninfo.conninfo_to_dict(server_dsn)
-    auth = params.get("user", "postgres")
-    if params.get("password"):
-        auth += f":{params['password']}"
-    return f"postgresql://{auth}@{params.get('host', 'localhost')}:{params.get('port', 5432)}/{dbname}"
 
 
 @pytest.fixture

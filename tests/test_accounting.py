@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import fixture_users as fx
 import psycopg
 import pytest
-from pipeline import run_stages
+from support import fixture_users as fx
+from support.pipeline import run_stages
 
 from user_migration.audit import every_source_row_accounted
 from user_migration.config import Settings

@@ -2,7 +2,7 @@
 rejected with a reason; nothing is executed that came in as a name, nothing is truncated silently.
 
 Connections are tested through the hook the operators use (MigrationDbHook, AIRFLOW_CONN_* set in
-the environment); tables and values through the stages on a real PostgreSQL (tests/pipeline.py).
+the environment); tables and values through the stages on a real PostgreSQL (tests/support/pipeline.py).
 """
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ from __future__ import annotations
 import datetime as dt
 import os
 
-import fixture_users as fx
 import psycopg
 import pytest
-from fault_tools import (
+from psycopg import sql
+from support import fixture_users as fx
+from support.fault_tools import (
     PASSWORD_GROUP,
     dbname,
     drop_role,
@@ -21,8 +22,7 @@ from fault_tools import (
     password_auth,
     with_user,
 )
-from pipeline import rejects, run_stages, snapshot
-from psycopg import sql
+from support.pipeline import rejects, run_stages, snapshot
 
 from user_migration.config import ConfigError, Settings, load_mapping
 from user_migration.errors import ConnectionProblem, MigrationError

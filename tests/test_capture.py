@@ -6,12 +6,12 @@ import datetime as dt
 import time
 from pathlib import Path
 
-import fixture_users as fx
 import psycopg
 import pytest
 import seed_legacy
-from pipeline import run_stages, snapshot
-from test_cutover import SETTINGS, cutover, expected_target, migrated, start_writer, validated_pass
+from support import fixture_users as fx
+from support.pipeline import run_stages, snapshot
+from support.sync import SETTINGS, cutover, expected_target, migrated, start_writer, validated_pass
 
 from user_migration import cutover as cutover_module
 from user_migration.config import Settings

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 
-import fixture_users as fx
 import psycopg
 import pytest
-from pipeline import run_stages, snapshot
+from support import fixture_users as fx
+from support.pipeline import run_stages, snapshot
 
 from user_migration import audit, deferred_indexes
 from user_migration.backup import run_backup

@@ -10,12 +10,12 @@ import json
 import sqlite3
 from pathlib import Path
 
-import fixture_users as fx
 import psycopg
 import pytest
 from airflow_env import airflow_env, dags_test, prepare_metadata
-from conftest import uri_for
-from pipeline import rejects, snapshot
+from support import fixture_users as fx
+from support.db import uri_for
+from support.pipeline import rejects, snapshot
 
 from user_migration.approval import cutover_figures, render_body
 

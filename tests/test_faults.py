@@ -22,11 +22,22 @@ import textwrap
 import time
 from pathlib import Path
 
-import fixture_users as fx
 import psycopg
 import pytest
-from fault_tools import REPO, assert_fixture_outcome, find_leaks, personal_values, prepare_run
-from pipeline import run_stages
+from support import fixture_users as fx
+from support.fault_tools import (
+    REPO,
+    RUN,
+    assert_fixture_outcome,
+    find_leaks,
+    finish_run,
+    nothing_committed,
+    partition_states,
+    personal_values,
+    prepare_run,
+    wait_for_no_sessions,
+)
+from support.pipeline import run_stages
 
 from user_migration import lease, partition_copy
 from user_migration.backup import MANIFEST, verify_backup
@@ -38,71 +49,12 @@ from user_migration.partition_copy import copy_partition
 
 pytestmark = pytest.mark.faults
 
-RUN = "faults-run"
-
 
 @pytest.fixture
 def legacy(make_db) -> str:
     dsn = make_db("faults")
     fx.load(dsn)
     return dsn
-
-
-def wait_for_no_sessions(dsn: str, application_name: str = "user_migration", timeout: float = 15) -> None:
-    """Until the server has noticed that the killed client's sessions are gone (and rolled them back)."""
-    name = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
-    deadline = time.monotonic() + timeout
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        while conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND application_name = %s",
-            (name, application_name),
-        ).fetchone()[0]:
-            assert time.monotonic() < deadline, "the killed client's sessions are still open"
-            time.sleep(0.05)
-
-
-def nothing_committed(dsn: str, partition: dict) -> dict[str, int]:
-    """What the partition's id range holds in the target and in this run's audit rows."""
-    lo, hi, no = partition["lo"], partition["hi"], partition["partition_no"]
-    with psycopg.connect(dsn) as conn:
-        return {
-            "users": conn.execute(
-                "SELECT count(*) FROM account_newuser WHERE id BETWEEN %s AND %s", (lo, hi)
-            ).fetchone()[0],
-            "groups": conn.execute(
-                "SELECT count(*) FROM account_newuser_groups WHERE newuser_id BETWEEN %s AND %s", (lo, hi)
-            ).fetchone()[0],
-            "rejected_rows": conn.execute(
-                "SELECT count(*) FROM migration_audit.rejected_rows WHERE run_id = %s AND source_id BETWEEN %s AND %s",
-                (RUN, lo, hi),
-            ).fetchone()[0],
-            "field_fixes": conn.execute(
-                "SELECT count(*) FROM migration_audit.field_fixes WHERE run_id = %s AND source_id BETWEEN %s AND %s",
-                (RUN, lo, hi),
-            ).fetchone()[0],
-            "batches": conn.execute(
-                "SELECT count(*) FROM migration_audit.batches WHERE run_id = %s AND partition_no = %s",
-                (RUN, no),
-            ).fetchone()[0],
-        }
-
-
-def partition_states(dsn: str) -> list[tuple]:
-    with psycopg.connect(dsn) as conn:
-        return conn.execute(
-            "SELECT partition_no, state, attempts, rows_in FROM migration_audit.partitions WHERE run_id = %s "
-            "ORDER BY partition_no",
-            (RUN,),
-        ).fetchall()
-
-
-def finish_run(dsn: str, settings: Settings, partitions: list[dict], skip: int | None = None) -> None:
-    """Copy the partitions (but ``skip``) and create the profiles, as the rest of the DAG would."""
-    with psycopg.connect(dsn, autocommit=True) as source, psycopg.connect(dsn, autocommit=True) as target:
-        for partition in partitions:
-            if partition["partition_no"] != skip:
-                copy_partition(source, target, settings, RUN, partition)
-        finalize_target(source, target, settings)
 
 
 CHILD = textwrap.dedent(

@@ -12,10 +12,10 @@ import json
 import os
 from pathlib import Path
 
-import fixture_users as fx
 import psycopg
 import pytest
-from pipeline import run_stages
+from support import fixture_users as fx
+from support.pipeline import run_stages
 
 from user_migration import audit
 from user_migration.backup import run_folder_name

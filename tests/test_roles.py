@@ -18,12 +18,12 @@ import subprocess
 import uuid
 from pathlib import Path
 
-import fixture_users as fx
 import psycopg
 import pytest
-from fault_tools import dbname, drop_role, find_psql, with_user
-from pipeline import run_stages
 from psycopg import sql
+from support import fixture_users as fx
+from support.fault_tools import dbname, drop_role, find_psql, with_user
+from support.pipeline import run_stages
 
 from user_migration import capture
 from user_migration.config import Settings
@@ -171,7 +171,7 @@ def test_pass_role_runs_passes_with_change_capture_and_cannot_switch(legacy, rol
         cutover(as_pass, "pass-1")
     assert str(refused.value) == (
         f"cutover refused, nothing changed: the role {pass_name} lacks a privilege it needs (permission "
-        "denied for table account_user). The cutover locks the legacy tables and drops and creates triggers "
+        "denied for table account_user_groups). The cutover locks the legacy tables and drops and creates triggers "
         "on them, which PostgreSQL allows only to their owner; run it as the switch role that "
         "include/sql/roles/switch_privilege.sql creates (a member of the legacy tables' owner and of the "
         "pass role)"

@@ -16,11 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-import fixture_users as fx
 import psycopg
 import pytest
-from pipeline import run_stages
-from test_cutover import cutover, validated_pass
+from support import fixture_users as fx
+from support.pipeline import run_stages
+from support.sync import cutover, validated_pass
 
 from user_migration import rollback
 from user_migration.backup import run_backup
@@ -29,7 +29,7 @@ from user_migration.cutover import CutoverOptions, active_cutover, run_cutover
 from user_migration.errors import MigrationError
 from user_migration.rollback import carry_back, restore
 
-NEWUSER_WRITER = Path(__file__).with_name("newuser_writer.py")
+NEWUSER_WRITER = Path(__file__).parent / "support" / "newuser_writer.py"
 
 SETTINGS = Settings(partitions=3, batch_size=5)
 TABLES = ("account_user", "account_user_groups", "account_user_user_permissions", "app_order")

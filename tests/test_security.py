@@ -20,11 +20,12 @@ import subprocess
 import uuid
 from pathlib import Path
 
-import fixture_users as fx
 import psycopg
 import pytest
 from airflow_env import airflow_env, dags_test, prepare_metadata
-from fault_tools import (
+from psycopg import sql
+from support import fixture_users as fx
+from support.fault_tools import (
     PASSWORD_GROUP,
     REPO,
     assert_fixture_outcome,
@@ -36,8 +37,7 @@ from fault_tools import (
     personal_values,
     with_user,
 )
-from pipeline import run_stages
-from psycopg import sql
+from support.pipeline import run_stages
 
 from user_migration.backup import run_backup
 from user_migration.config import Settings, load_mapping

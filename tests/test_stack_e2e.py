@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import airflow_stack
-import browser
 import psycopg
 import pytest
 from airflow_env import airflow
+from support import browser
 
 pytestmark = [pytest.mark.e2e, pytest.mark.stack]
 

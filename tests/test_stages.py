@@ -9,11 +9,11 @@ import logging
 import stat
 import uuid
 
-import fixture_users as fx
 import psycopg
 import pytest
-from pipeline import rejects, run_stages, snapshot
 from psycopg import sql
+from support import fixture_users as fx
+from support.pipeline import rejects, run_stages, snapshot
 
 from user_migration.backup import verify_backup
 from user_migration.config import Settings, load_mapping

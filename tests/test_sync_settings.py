@@ -10,10 +10,10 @@ from __future__ import annotations
 import datetime as dt
 from types import SimpleNamespace
 
-import fixture_users as fx
 import psycopg
 import pytest
-from pipeline import rejects, run_stages, snapshot
+from support import fixture_users as fx
+from support.pipeline import rejects, run_stages, snapshot
 
 from user_migration.config import Settings, load_mapping
 from user_migration.cutover import CutoverOptions, run_cutover

@@ -7,10 +7,10 @@ notifications with it.
 
 from __future__ import annotations
 
-import fixture_users as fx
 import psycopg
 import pytest
-from pipeline import run_stages, snapshot
+from support import fixture_users as fx
+from support.pipeline import run_stages, snapshot
 
 from user_migration.config import Settings
 

@@ -10,14 +10,20 @@ import datetime as dt
 import threading
 import time
 
-import fixture_users as fx
 import psycopg
 import pytest
-from fault_tools import assert_fixture_outcome, prepare_run
-from pipeline import run_stages
 from psycopg import sql
-from test_cutover import expected_target, migrated
-from test_faults import RUN, finish_run, nothing_committed, partition_states
+from support import fixture_users as fx
+from support.fault_tools import (
+    RUN,
+    assert_fixture_outcome,
+    finish_run,
+    nothing_committed,
+    partition_states,
+    prepare_run,
+)
+from support.pipeline import run_stages
+from support.sync import expected_target, migrated
 from throttle import set_state, status
 
 from user_migration import partition_copy

@@ -6,11 +6,11 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-import fixture_users as fx
 import psycopg
 import pytest
 from airflow_env import VENV_BIN, airflow_env, prepare_metadata
-from pipeline import snapshot
+from support import fixture_users as fx
+from support.pipeline import snapshot
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 

@@ -1,6 +1,6 @@
 """The application, for `make bench`: inserts, updates and deletes legacy users, timing every statement.
 
-Adapted from tests/legacy_writer.py for large tables and for figures: it does not hold every id in
+Adapted from tests/support/legacy_writer.py for large tables and for figures: it does not hold every id in
 memory (10M ids would take ~400 MB), it can pace itself to a steady rate like a web application's
 traffic instead of writing flat out, and it records the latency of every statement, so the bench
 can report p50/p99/max and the longest wait the cutover caused. Each statement is its own

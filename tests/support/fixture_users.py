@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psycopg
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 LEGACY_DDL = REPO / "include" / "sql" / "legacy" / "001_legacy_schema.sql"
 TODAY = dt.date.today()
 FUTURE = TODAY + dt.timedelta(days=30)

@@ -8,23 +8,26 @@ import contextlib
 import datetime as dt
 import glob
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import fixture_users as fx
 import psycopg
-from pipeline import rejects, snapshot
 from psycopg import sql
 
+from support import fixture_users as fx
+from support.pipeline import rejects, snapshot
 from user_migration import audit
 from user_migration.backup import run_backup
 from user_migration.config import Settings
 from user_migration.db import check_legacy_tables, ensure_audit_schema
+from user_migration.finalize import finalize_target
+from user_migration.partition_copy import copy_partition
 from user_migration.plan import make_plan
 from user_migration.schema import apply_schema
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def prepare_run(
@@ -44,7 +47,7 @@ def prepare_run(
 
 
 def assert_fixture_outcome(target_dsn: str, run_id: str, fixes_run_id: str | None = None) -> None:
-    """The target holds exactly what tests/fixture_users.py says, row by row, and nothing else.
+    """The target holds exactly what tests/support/fixture_users.py says, row by row, and nothing else.
 
     Field fixes are recorded by the run that transformed the row: ``fixes_run_id`` names it when
     ``run_id`` is a later sync pass that found the rows unchanged.
@@ -169,3 +172,63 @@ def with_user(dsn: str, user: str, password: str | None) -> str:
     return (
         f"postgresql://{auth}@{params.get('host', 'localhost')}:{params.get('port', 5432)}/{params['dbname']}"
     )
+
+
+RUN = "faults-run"
+
+
+def wait_for_no_sessions(dsn: str, application_name: str = "user_migration", timeout: float = 15) -> None:
+    """Until the server has noticed that the killed client's sessions are gone (and rolled them back)."""
+    name = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND application_name = %s",
+            (name, application_name),
+        ).fetchone()[0]:
+            assert time.monotonic() < deadline, "the killed client's sessions are still open"
+            time.sleep(0.05)
+
+
+def nothing_committed(dsn: str, partition: dict) -> dict[str, int]:
+    """What the partition's id range holds in the target and in this run's audit rows."""
+    lo, hi, no = partition["lo"], partition["hi"], partition["partition_no"]
+    with psycopg.connect(dsn) as conn:
+        return {
+            "users": conn.execute(
+                "SELECT count(*) FROM account_newuser WHERE id BETWEEN %s AND %s", (lo, hi)
+            ).fetchone()[0],
+            "groups": conn.execute(
+                "SELECT count(*) FROM account_newuser_groups WHERE newuser_id BETWEEN %s AND %s", (lo, hi)
+            ).fetchone()[0],
+            "rejected_rows": conn.execute(
+                "SELECT count(*) FROM migration_audit.rejected_rows WHERE run_id = %s AND source_id BETWEEN %s AND %s",
+                (RUN, lo, hi),
+            ).fetchone()[0],
+            "field_fixes": conn.execute(
+                "SELECT count(*) FROM migration_audit.field_fixes WHERE run_id = %s AND source_id BETWEEN %s AND %s",
+                (RUN, lo, hi),
+            ).fetchone()[0],
+            "batches": conn.execute(
+                "SELECT count(*) FROM migration_audit.batches WHERE run_id = %s AND partition_no = %s",
+                (RUN, no),
+            ).fetchone()[0],
+        }
+
+
+def partition_states(dsn: str) -> list[tuple]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(
+            "SELECT partition_no, state, attempts, rows_in FROM migration_audit.partitions WHERE run_id = %s "
+            "ORDER BY partition_no",
+            (RUN,),
+        ).fetchall()
+
+
+def finish_run(dsn: str, settings: Settings, partitions: list[dict], skip: int | None = None) -> None:
+    """Copy the partitions (but ``skip``) and create the profiles, as the rest of the DAG would."""
+    with psycopg.connect(dsn, autocommit=True) as source, psycopg.connect(dsn, autocommit=True) as target:
+        for partition in partitions:
+            if partition["partition_no"] != skip:
+                copy_partition(source, target, settings, RUN, partition)
+        finalize_target(source, target, settings)
