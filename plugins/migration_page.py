@@ -2,7 +2,7 @@
 
 The app (user_migration/ui_app.py) is mounted by the API server under /user-migration; its
 endpoints ask for Airflow's authentication and read access to the user_migration DAG. The UI shows
-its page in an iframe: under Plugins in the navigation, and as a tab of each DAG run, for that run.
+its page in an iframe: as an entry of the navigation bar, and as a tab of each DAG run, for that run.
 
 Every task process loads plugins too (for macros and listeners): the app, and the API server's
 security module it needs, are imported on the app's first request, never by a task.

@@ -185,6 +185,7 @@ def test_a_paused_partition_shows_its_rows_done_rate_and_time_left(legacy, backu
         assert first["rows_per_second"] > 0 and first["seconds_left"] > 0
         html = client.get("/page", params={"run_id": "live"}).text
         assert "http-equiv=refresh" in html and "6 of ≈" in html and leaked(html) == []
+        assert "not yet: 0 of 2 partitions done" in html
     finally:
         set_state(legacy, "run", 0, "test")
         worker.join(30)
