@@ -20,6 +20,7 @@ import psycopg
 import pytest
 from airflow_env import airflow
 from support import browser
+from throttle import set_state
 
 pytestmark = [pytest.mark.e2e, pytest.mark.stack]
 
@@ -322,6 +323,112 @@ def test_the_web_ui_in_a_real_browser(stack, api):
         assert (shots / f"{name}.png").stat().st_size > 10_000, name
 
 
+PAGE = "/user-migration"
+UI_RUN = "ui_copy_1"
+
+
+def _page_get(stack: airflow_stack.Stack, path: str, token: str | None = None) -> tuple[int, str]:
+    """GET a path of the migration page's app; (status, body), whatever the status."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(stack.url + PAGE + path, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _logged_in_browser(stack: airflow_stack.Stack) -> browser.Browser:
+    if not Path(browser.CHROMIUM).exists():
+        pytest.skip("chromium is not installed: `make browser` installs Debian's package (as root)")
+    b = browser.Browser()
+    b.window(1440, 1300)
+    b.goto(stack.url + "/")
+    b.wait_for("input[name=username]")
+    b.fill("input[name=username]", "admin")
+    b.fill("input[name=password]", stack.password)
+    b.click("button[type=submit]")
+    b.wait_for_text("Welcome", "Dags")
+    return b
+
+
+def test_the_migration_page_during_and_after_a_copy(stack, api):
+    """The plugin's page: refused without a token, no personal data, and in the UI (a run's tab)
+    while a pass copies (the throttle holds it: 400 changed users in batches of 20) and after it."""
+    assert _page_get(stack, "/api/data")[0] == 401  # plugin apps are mounted unauthenticated by Airflow
+    assert _page_get(stack, "/page")[0] == 401
+    assert _page_get(stack, "/page", token="not-a-token")[0] == 403
+    (plugin,) = [p for p in api("GET", "/plugins")["plugins"] if p["name"] == "user_migration_page"]
+    assert {v["destination"] for v in plugin["external_views"]} == {"nav", "dag_run"}
+
+    with psycopg.connect(stack.legacy_dsn, autocommit=True) as conn:
+        emails = [
+            r[0].strip().lower() for r in conn.execute("SELECT email FROM account_user") if r[0].strip()
+        ]
+        changed = conn.execute(
+            "UPDATE account_user SET full_name = full_name || ' J' "
+            "WHERE id IN (SELECT id FROM account_newuser ORDER BY id LIMIT 400)"
+        ).rowcount
+    assert changed == 400
+    shots = ARTIFACTS / "ui"
+    b = _logged_in_browser(stack)
+    try:
+        set_state(stack.legacy_dsn, "slow", 500, "stack test")
+        api(
+            "POST",
+            "/dags/user_migration/dagRuns",
+            {
+                "dag_run_id": UI_RUN,
+                "logical_date": None,
+                "conf": {"batch_size": 20, "batch_seconds": 0, "throttle_check_ms": 100},
+            },
+        )
+        deadline = time.monotonic() + 300
+        while True:
+            status, body = _page_get(stack, f"/api/data?run_id={UI_RUN}", api.token)
+            run = json.loads(body)["run"] if status == 200 else None
+            moving = [
+                p
+                for p in (run or {}).get("partitions", [])
+                if p["state"] == "running" and p["rows_done"] >= 40
+            ]
+            if moving:
+                break
+            assert time.monotonic() < deadline, body[:2000]
+            time.sleep(0.25)
+        set_state(stack.legacy_dsn, "pause", 0, "stack test")  # hold it there for the picture
+        b.goto(f"{stack.url}/dags/user_migration/runs/{UI_RUN}/plugin/user-migration-run")
+        text = b.wait_for_frame_text("Run " + UI_RUN, "running", "rows done", "Cutover readiness")
+        assert "refreshes every" in text and " of " in text and "not yet:" in text
+        b.screenshot(shots / "06-migration-page-during-copy.png")
+        status, html = _page_get(stack, f"/page?run_id={UI_RUN}", api.token)
+        assert status == 200 and "http-equiv=refresh" in html
+        set_state(stack.legacy_dsn, "run", 0, "stack test")
+        assert api.wait_for_run(UI_RUN)["state"] == "success"
+
+        b.goto(f"{stack.url}/dags/user_migration/runs/{UI_RUN}/plugin/user-migration-run")
+        text = b.wait_for_frame_text(f"Run {UI_RUN} success", "Rejects by reason", "Field fixes", "Passes")
+        assert "every row accounted for\tyes" in text and "duplicate_email" in text
+        b.screenshot(shots / "07-migration-page-after-run.png")
+    finally:
+        set_state(stack.legacy_dsn, "run", 0, "stack test")
+        b.close()
+    status, body = _page_get(stack, f"/api/data?run_id={UI_RUN}", api.token)
+    data = json.loads(body)
+    history = {h["run_id"]: h for h in data["history"]}
+    assert {"rest_trigger_1", "cli_trigger_1", RETRY_RUN, UI_RUN} <= set(history)
+    # The first load may be rest_trigger_1 or the scheduled run the unpausing created.
+    assert sum(h["inserted"] or 0 for h in data["history"]) > 0
+    assert history[UI_RUN]["updated"] == 400
+    assert data["readiness"]["last_validation"]["run_id"] == UI_RUN
+    assert all(p["state"] == "done" and p["path"] in ("log", "delta") for p in data["run"]["partitions"])
+    _, html = _page_get(stack, f"/page?run_id={UI_RUN}", api.token)
+    for text in (body.lower(), html.lower()):
+        assert not [e for e in emails if e in text]  # no user's email on the page or in its data
+    for name in ("06-migration-page-during-copy", "07-migration-page-after-run"):
+        assert (shots / f"{name}.png").stat().st_size > 10_000, name
+
+
 def _meta(stack: airflow_stack.Stack, query: str, args: tuple) -> list[tuple]:
     """Rows from Airflow's own metadata database (PostgreSQL in the stack)."""
     dsn = stack.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].replace("postgresql+psycopg://", "postgresql://")
@@ -444,3 +551,15 @@ def test_an_approved_cutover_emits_its_asset_event(stack, api):
     _, summary = _audit_run(stack, run)
     assert summary["cutover"]["state"] == "active" and summary["cutover"]["approval"]["by"] == "admin"
     assert not _legacy_writable(stack)
+
+
+def test_the_migration_page_shows_the_cutover(stack, api):
+    """After the approved cutover (the test before): the page under Plugins shows it as active."""
+    b = _logged_in_browser(stack)
+    try:
+        b.goto(f"{stack.url}/plugin/user-migration")
+        text = b.wait_for_frame_text("Cutovers and rollbacks", "approval_approve_1", "match")
+        assert "active since" in text
+        b.screenshot(ARTIFACTS / "ui" / "08-migration-page-after-cutover.png")
+    finally:
+        b.close()

@@ -503,6 +503,8 @@ def _copy_batches(
     rejected_ids: list[int] = []
     claims = Claims() if job.path == "changes" else None
     sizer = BatchSizer(settings, adaptive=job.own_snapshot)
+    planned = None if rows.process is None else len(rows.process)
+    job.throttle.progress(job.path, 0, planned, 0, force=True)
     with job.target.cursor() as out:
         batch_no = 0
         waited = job.throttle.gate(reader.release)  # a pause set before the start holds it too
@@ -546,8 +548,10 @@ def _copy_batches(
             kill_after_batch(batch_no)
             batch_no += 1
             result.read += len(fetched)
+            job.throttle.progress(job.path, result.read, planned, batch_no)
             waited = job.throttle.gate(reader.release)
         result.batches = batch_no
+    job.throttle.progress(job.path, result.read, planned, batch_no, force=True)
     reader.close()
     snapshot.ensure()  # the merge and the links read on in the last snapshot
     result.snapshots = snapshot.number

@@ -45,6 +45,8 @@ MANUAL_POLL = 1.0
 PROBE_TIMEOUT_MS = 2000
 # A 'slow' sleep this long or longer ends the legacy snapshot first, as a pause does.
 SLOW_RELEASE_MS = 1000
+# A running partition's progress (migration_audit.partition_progress) is written at most this often.
+PROGRESS_EVERY = 1.0
 # Batch size steps at most this factor up or down per batch: one odd batch does not swing it.
 MAX_STEP = 2.0
 
@@ -166,6 +168,8 @@ class Throttle:
         self._told: set[str] = set()  # signals found unreadable, logged once
         self._privileged: bool | None = None
         self.waited = 0.0
+        self._progress_at = 0.0
+        self._progress: dict[str, Any] | None = None  # not written yet (see progress)
 
     # --- between batches --------------------------------------------------------------------------
 
@@ -185,8 +189,10 @@ class Throttle:
             if self._manual[0] == "pause" or paused_on:
                 if release is not None:
                     release()
+                self._write_progress()
                 self._pause(paused_on)
         if self._manual[0] == "slow" and self._manual[1] > 0:
+            self._write_progress()
             if release is not None and self._manual[1] >= SLOW_RELEASE_MS:
                 release()  # a long sleep holds no legacy snapshot either
             time.sleep(self._manual[1] / 1000)
@@ -406,6 +412,41 @@ class Throttle:
             conn.execute(read_sql("throttle/record_event.sql"), params)
         except psycopg.Error as exc:
             log.warning("could not record a throttle event in migration_audit: %s", first_line(exc))
+
+    def progress(
+        self, path: str, rows_done: int, rows_planned: int | None, batches: int, force: bool = False
+    ) -> None:
+        """Record how far the partition got: at most every PROGRESS_EVERY s, when ``force``, and
+        before the throttle makes it wait (so a paused partition shows where it stopped).
+
+        From the throttle's own connection: the migration page sees it while the partition's
+        transaction is open. A failed write is logged and forgotten; it never stops the copy.
+        """
+        if not self.enabled:
+            return
+        self._progress = {
+            "run_id": self.run_id,
+            "partition_no": self.partition_no,
+            "path": path,
+            "rows_done": rows_done,
+            "rows_planned": rows_planned,
+            "batches": batches,
+        }
+        if force or time.monotonic() - self._progress_at >= PROGRESS_EVERY:
+            self._write_progress()
+
+    def _write_progress(self) -> None:
+        params, self._progress = self._progress, None
+        if params is None:
+            return
+        conn = self._own_target()
+        if conn is None:
+            return
+        self._progress_at = time.monotonic()
+        try:
+            conn.execute(read_sql("copy/record_progress.sql"), params)
+        except psycopg.Error as exc:
+            log.warning("could not record the partition's progress in migration_audit: %s", first_line(exc))
 
     def close(self) -> None:
         for conn in (self._legacy, self._target):

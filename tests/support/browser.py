@@ -56,7 +56,9 @@ class Browser:
             page = next(t for t in json.loads(response.read()) if t["type"] == "page")
         self._closing = contextlib.ExitStack()
         self.ws = self._closing.enter_context(
-            connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=10)
+            # No keepalive pings: a test that waits a minute between two commands (a DAG run) does
+            # not read the socket meanwhile, and a busy machine then missed the pong's deadline.
+            connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=10, ping_interval=None)
         )
         self._id = 0
         self.send("Page.enable")
@@ -105,6 +107,38 @@ class Browser:
             if time.monotonic() > deadline:
                 raise AssertionError(f"page never showed {needles!r}; it shows: {text[:1500]!r}")
             time.sleep(0.5)
+
+    def frame_text(self, selector: str = "iframe") -> str:
+        """The text of a same-origin iframe's document ('' until it has one)."""
+        return (
+            self.js(
+                f"""(() => {{
+                    const frame = document.querySelector({json.dumps(selector)});
+                    try {{ return frame.contentDocument.body.innerText; }} catch (e) {{ return ''; }}
+                }})()"""
+            )
+            or ""
+        )
+
+    def wait_for_frame_text(self, *needles: str, selector: str = "iframe", timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.frame_text(selector)
+            if all(n in text for n in needles):
+                return text
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the frame never showed {needles!r}; it shows: {text[:1500]!r}")
+            time.sleep(0.5)
+
+    def window(self, width: int, height: int) -> None:
+        """Resize the page's viewport (taller screenshots)."""
+        self.send(
+            "Emulation.setDeviceMetricsOverride",
+            width=width,
+            height=height,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
 
     def wait_for(self, selector: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout

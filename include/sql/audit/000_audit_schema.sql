@@ -307,3 +307,21 @@ CREATE TABLE IF NOT EXISTS migration_audit.throttle_events (
     at            timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX IF NOT EXISTS throttle_events_run_idx ON migration_audit.throttle_events (run_id, partition_no);
+
+-- A running partition's progress, for the migration page in the Airflow UI (plugins/migration_page.py).
+-- The partition's batches commit with its one transaction, so they cannot be seen while it runs: this
+-- row is written between batches from the throttle's own autocommit connection (at most once a
+-- second), and stays after the partition ends. rows_planned: the ids the partition reads, when it
+-- reads a list of ids; NULL when it reads its whole id range (the plan's source_rows tell how many).
+-- Figures only, no personal data.
+CREATE TABLE IF NOT EXISTS migration_audit.partition_progress (
+    run_id        text NOT NULL,
+    partition_no  integer NOT NULL,
+    path          text NULL,
+    rows_done     bigint NOT NULL,
+    rows_planned  bigint NULL,
+    batches       integer NOT NULL,
+    started_at    timestamptz NOT NULL DEFAULT clock_timestamp(),
+    updated_at    timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (run_id, partition_no)
+);
