@@ -418,6 +418,7 @@ class MigrationReportOperator(_MigrationOperator):
         ).fetchone()
         backup_path = backup[0] if backup else None
         backup_note = backup[1] if backup else None
+        self._check_backup_visible(backup_path)
         # The pass succeeded: prune old backups now (a dry run only says what it would delete).
         retention = prune_backups(
             target,
@@ -475,6 +476,22 @@ class MigrationReportOperator(_MigrationOperator):
             summary["report_files"]["markdown"],
         )
         return summary
+
+    @staticmethod
+    def _check_backup_visible(backup_path: str | None) -> None:
+        """The run's backup, written by the backup task (maybe on another worker), must be here too.
+
+        Otherwise the backup folder is not shared: the report would land in a folder of its own on
+        this worker, and retention would judge backups it cannot see.
+        """
+        from user_migration.backup import MANIFEST
+
+        if backup_path and not (Path(backup_path) / MANIFEST).is_file():
+            raise ConfigError(
+                f"this run's backup {backup_path} (written by its backup task) is not visible on the worker "
+                "running the report: USER_MIGRATION_BACKUP_DIR must name one folder that every worker "
+                "shares, at the same path. No report written, no backup deleted"
+            )
 
     def _emit_pass_event(self, context: Any, summary: dict[str, Any]) -> None:
         """The target users table was updated by this pass: its asset event, with the pass's counts."""
