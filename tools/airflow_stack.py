@@ -183,6 +183,9 @@ def stack_env(
                 "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + meta,
                 # One task at a time per worker, as on a small machine: two partitions go to two workers.
                 "AIRFLOW__CELERY__WORKER_CONCURRENCY": "1",
+                # A worker reserves no task it cannot start at once: with Celery's prefetch a busy
+                # worker held a second partition back while the other idled (Redis brokers only).
+                "AIRFLOW__CELERY__EXTRA_CELERY_CONFIG": json.dumps({"worker_disable_prefetch": True}),
                 "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
                 "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(CELERY_HEARTBEAT_TIMEOUT),
             }
@@ -301,16 +304,7 @@ def _worker_spec(base: Path, name: str) -> dict[str, Any]:
     (folder / "home").mkdir(mode=0o700, parents=True, exist_ok=True)
     # Airflow names a task instance's host with [core] hostname_callable: this worker's own module.
     (folder / "stack_host.py").write_text(f'def hostname() -> str:\n    return "{name}"\n')
-    (folder / "stack_celery.py").write_text(CELERY_CONFIG_MODULE)
     return {"hostname": name, "celery_hostname": f"{name}@%h", "folder": str(folder)}
-
-
-# A worker reserves no task it cannot start at once: by default a busy worker with one process would
-# hold a second partition back while another worker idles (Celery's prefetch; Redis brokers only).
-CELERY_CONFIG_MODULE = """from airflow.providers.celery.executors.default_celery import DEFAULT_CELERY_CONFIG
-
-CELERY_CONFIG = {**DEFAULT_CELERY_CONFIG, "worker_disable_prefetch": True}
-"""
 
 
 def _worker_env(env: dict[str, str], spec: dict[str, Any]) -> dict[str, str]:
@@ -320,7 +314,6 @@ def _worker_env(env: dict[str, str], spec: dict[str, Any]) -> dict[str, str]:
         "AIRFLOW_HOME": str(folder / "home"),
         "PYTHONPATH": f"{env['PYTHONPATH']}{os.pathsep}{folder}",
         "AIRFLOW__CORE__HOSTNAME_CALLABLE": "stack_host.hostname",
-        "AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS": "stack_celery.CELERY_CONFIG",
     }
 
 
