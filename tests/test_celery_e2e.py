@@ -179,6 +179,10 @@ def test_a_rest_triggered_pass_runs_its_partitions_on_both_workers(stack, api):
     print("REST pass: copy partitions by worker:", by_worker)
     print("REST pass: tasks by worker:", {f"{k[0]}[{k[1]}]": t["hostname"] for k, t in sorted(tis.items())})
     assert set(by_worker) == set(WORKERS), by_worker  # both workers copied partitions
+    # Task logs reach the API from the shared log folder (workers serve none of their own).
+    log = api("GET", f"/dags/user_migration/dagRuns/{REST_RUN}/taskInstances/copy/logs/1?map_index=0")
+    events = [e.get("event", "") if isinstance(e, dict) else str(e) for e in log["content"]]
+    assert any("partition 0 (ids" in e for e in events), events[-5:]
     counts = assert_exact(stack)
     _, audit = audit_run(stack, REST_RUN)
     assert audit["migrated"] == counts["migrated"] and audit["rejected"] == counts["rejected"]
@@ -220,6 +224,10 @@ def test_a_worker_killed_mid_partition_is_retried_on_the_other_worker_and_ends_e
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
                 "AND backend_xid IS NOT NULL AND pid <> pg_backend_pid()"
             ).fetchone()[0]
+        # As a machine dies: the worker's process group and the one Airflow's supervisor gives the
+        # task. (Killing the worker's group alone leaves the task running as an orphan: tried on
+        # 2026-11-29, it committed its partition, then failed on its next write to the dead
+        # supervisor; the target was exact, the run's audit counted those rows as unchanged.)
         groups = airflow_stack.kill_tree(stack.workers[killed]["pid"])
         killed_at = time.monotonic()
         print(f"killed {killed} (process groups {sorted(groups)}) with {writing} writing sessions open")
