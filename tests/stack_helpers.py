@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -25,9 +26,21 @@ def cmdline(proc: Path) -> bytes:
         return b""
 
 
+def cwd(proc: Path) -> str:
+    try:
+        return os.readlink(proc / "cwd")
+    except OSError:
+        return ""
+
+
 def leftovers(base: Path) -> list[Path]:
-    """Processes that still run from, or with settings naming, the stack's folder."""
-    return [p for p in Path("/proc").glob("[0-9]*") if str(base).encode() in cmdline(p)]
+    """Processes that still run from, or with settings naming, the stack's folder. (A Celery worker
+    retitles itself over its environment, so its working folder is what names the stack.)"""
+    return [
+        p
+        for p in Path("/proc").glob("[0-9]*")
+        if str(base).encode() in cmdline(p) or cwd(p).startswith(f"{base}/")
+    ]
 
 
 class Api:
