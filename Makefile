@@ -6,6 +6,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ROWS ?= 1000000
+# `make airflow EXECUTOR=celery WORKERS=2`: the CeleryExecutor with a local broker and N workers.
+EXECUTOR ?= local
+WORKERS ?= 2
 
 export AIRFLOW_HOME ?= $(CURDIR)/var/airflow
 export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
@@ -14,7 +17,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export PYTHONPATH := $(CURDIR)
 export USER_MIGRATION_BACKUP_DIR ?= $(CURDIR)/var/backups
 
-.PHONY: install browser demo test test-fast lint format bench pg-start pg-stop airflow airflow-stop lock clean
+.PHONY: install browser demo test test-fast test-celery lint format bench pg-start pg-stop airflow airflow-stop lock clean
 
 install: $(STAMP)
 
@@ -42,6 +45,10 @@ test: install browser
 test-fast: install
 	$(PY) -m pytest -m "not e2e"
 
+# The stack with the CeleryExecutor, a local broker and two workers (not part of `make test`).
+test-celery: install
+	$(PY) -m pytest -m celery tests/test_celery_e2e.py
+
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -54,7 +61,7 @@ bench: install
 	$(PY) tools/bench.py --rows $(ROWS)
 
 airflow: install
-	$(PY) tools/airflow_stack.py start
+	$(PY) tools/airflow_stack.py start --executor $(EXECUTOR) --workers $(WORKERS)
 
 airflow-stop:
 	@if [ -x $(PY) ]; then $(PY) tools/airflow_stack.py stop; fi

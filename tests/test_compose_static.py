@@ -3,6 +3,7 @@ Airflow version against requirements.txt, mounts that exist, and settings the bu
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -101,3 +102,17 @@ def test_nothing_published_beyond_loopback(compose):
     for name, service in compose["services"].items():
         for port in service.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+
+
+def test_workers_share_the_backup_folder_at_one_path_as_in_the_celery_test(compose):
+    """The topology tests/test_celery_e2e.py runs: several workers, prefetch off, one shared backup path."""
+    services = compose["services"]
+    worker = services["airflow-worker"]
+    assert worker["deploy"]["replicas"] >= 2
+    env = worker["environment"]
+    assert json.loads(env["AIRFLOW__CELERY__EXTRA_CELERY_CONFIG"]) == {"worker_disable_prefetch": True}
+    backup_dir = env["USER_MIGRATION_BACKUP_DIR"]
+    assert backup_dir.startswith("/")  # the bundle refuses a relative one
+    for name in AIRFLOW_SERVICES:
+        assert services[name]["environment"]["USER_MIGRATION_BACKUP_DIR"] == backup_dir, name
+        assert f"backups:{backup_dir}" in services[name]["volumes"], name

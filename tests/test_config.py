@@ -7,7 +7,14 @@ import json
 import pytest
 
 from user_migration import setting_specs
-from user_migration.config import MAPPING_FILE_ENV, ConfigError, Settings, load_mapping
+from user_migration.config import (
+    BACKUP_DIR_ENV,
+    MAPPING_FILE_ENV,
+    ConfigError,
+    Settings,
+    backup_root,
+    load_mapping,
+)
 
 
 def test_defaults_match_the_django_legacy_schema():
@@ -36,6 +43,17 @@ def test_mapping_file_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv(MAPPING_FILE_ENV, str(tmp_path / "missing.json"))
     with pytest.raises(ConfigError, match="is not a file"):
         load_mapping()
+    monkeypatch.setenv(MAPPING_FILE_ENV, "mapping.json")  # each Celery worker has its own working folder
+    with pytest.raises(ConfigError, match="must be an absolute path"):
+        load_mapping()
+
+
+def test_backup_folder_must_be_absolute(tmp_path, monkeypatch):
+    monkeypatch.setenv(BACKUP_DIR_ENV, str(tmp_path))
+    assert backup_root() == tmp_path
+    monkeypatch.setenv(BACKUP_DIR_ENV, "var/backups")
+    with pytest.raises(ConfigError, match=r"BACKUP_DIR must be an absolute path.*every worker shares"):
+        backup_root()
 
 
 @pytest.mark.parametrize(

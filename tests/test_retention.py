@@ -209,3 +209,27 @@ def test_only_a_newer_complete_backup_lets_an_older_one_go(legacy, backup_dir):
 def test_run_folder_names_match_what_retention_looks_for():
     # retention finds a run's folder by run_folder_name: the same function the backup writes with.
     assert run_folder_name("scheduled__2026-01-01T00:00:00+00:00") == "scheduled__2026-01-01T00_00_00_00_00"
+
+
+def test_a_report_on_a_worker_that_cannot_see_the_backup_fails_and_writes_nothing(
+    legacy, backup_dir, tmp_path, monkeypatch
+):
+    """Celery: the report may run on another worker than the backup. Without a shared backup folder
+    it must not write its report into a folder of its own, nor prune backups it cannot see."""
+    from user_migration.config import ConfigError
+    from user_migration.operators import MigrationReportOperator
+
+    folder = Path(finished_pass(legacy, "pass-1", backup_dir))
+    run_stages(legacy, legacy, Settings(), "pass-2", backup_dir)
+    elsewhere = tmp_path / "only-on-the-backup-worker"
+    os.rename(backup_dir / "pass-2", elsewhere)  # this worker does not see the folder
+    monkeypatch.setenv(BACKUP_DIR_ENV, str(backup_dir))
+    with (
+        psycopg.connect(legacy, autocommit=True) as target,
+        pytest.raises(ConfigError, match="must name one folder that every worker shares"),
+    ):
+        MigrationReportOperator(task_id="report").run(
+            {"run_id": "pass-2"}, Settings.from_params({"backup_keep": 0, "backup_keep_days": 0}), target
+        )
+    assert folders(backup_dir) == {folder.name}  # no report folder made up, pass-1 not pruned
+    assert not (backup_dir / "pass-2").exists()

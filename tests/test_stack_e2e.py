@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import tempfile
 import time
 import urllib.error
@@ -20,6 +19,15 @@ import psycopg
 import pytest
 from airflow_env import airflow
 from support import browser
+from support.stack import (
+    Api,
+    audit_run,
+    backfill_makes_passes_that_change_nothing,
+    free_port,
+    leftovers,
+    meta,
+    target,
+)
 from throttle import set_state
 
 pytestmark = [pytest.mark.e2e, pytest.mark.stack]
@@ -32,22 +40,13 @@ FAIL_ONCE = "profiles@retry_check"
 DEADLINE_MINUTES = 0.75
 
 
-def _free_port() -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in (8793, 8794):  # Airflow's own log-server ports
-            return port
-
-
 @pytest.fixture(scope="module")
 def stack() -> Iterator[airflow_stack.Stack]:
     base = Path(tempfile.mkdtemp(prefix="umstack-", dir="/tmp"))  # short: sockets live under it
     try:
         yield airflow_stack.start(
             base,
-            _free_port(),
+            free_port(),
             users=USERS,
             extra_env={
                 "USER_MIGRATION_SCHEDULE": "@daily",
@@ -58,86 +57,9 @@ def stack() -> Iterator[airflow_stack.Stack]:
         )
     finally:
         stopped = airflow_stack.stop(base)
-        leftovers = [p for p in Path("/proc").glob("[0-9]*") if str(base).encode() in _cmdline(p)]
+        left = leftovers(base)
         shutil.rmtree(base, ignore_errors=True)
-        assert "api-server" in stopped and not leftovers, (stopped, leftovers)
-
-
-def _cmdline(proc: Path) -> bytes:
-    try:
-        return (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
-    except OSError:
-        return b""
-
-
-class Api:
-    """The REST API (/api/v2) with a bearer token from SimpleAuthManager's token flow."""
-
-    def __init__(self, stack: airflow_stack.Stack) -> None:
-        self.base = f"{stack.url}/api/v2"
-        self.token = stack.token()
-
-    def __call__(self, method: str, path: str, body: dict | None = None) -> dict:
-        request = urllib.request.Request(
-            self.base + path,
-            data=None if body is None else json.dumps(body).encode(),
-            method=method,
-            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.loads(response.read())
-
-    def wait_for_dag(self, dag_id: str = "user_migration", timeout: float = 120) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                return self("GET", f"/dags/{dag_id}")
-            except urllib.error.HTTPError as exc:
-                if exc.code != 404 or time.monotonic() > deadline:
-                    raise
-            time.sleep(2)
-
-    def wait_for_run(self, run_id: str, timeout: float = 300) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            run = self("GET", f"/dags/user_migration/dagRuns/{run_id}")
-            if run["state"] in ("success", "failed"):
-                if run["state"] == "failed":
-                    self.explain(run_id)
-                return run
-            time.sleep(2)
-        raise AssertionError(f"run {run_id} did not finish in {timeout} s (state {run['state']})")
-
-    def explain(self, run_id: str) -> None:
-        """Print the failed tasks' logs (the tail): a red CI run then says why, not only that."""
-        for (task_id, index), ti in sorted(self.task_instances(run_id).items()):
-            if ti["state"] not in ("failed", "upstream_failed"):
-                continue
-            print(f"--- {run_id} {task_id}[{index}] {ti['state']} (try {ti['try_number']})")
-            if ti["state"] != "failed":
-                continue
-            suffix = f"?map_index={index}" if index >= 0 else ""
-            path = f"/dags/user_migration/dagRuns/{run_id}/taskInstances/{task_id}/logs/{ti['try_number']}{suffix}"
-            try:
-                content = self("GET", path).get("content", [])
-            except urllib.error.HTTPError as exc:
-                print(f"(log unavailable: {exc})")
-                continue
-            lines = [e.get("event", str(e)) if isinstance(e, dict) else str(e) for e in content]
-            print("\n".join(lines[-40:]))
-
-    def wait_for_task_state(self, run_id: str, task_id: str, state: str, timeout: float = 300) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            ti = self.task_instances(run_id).get((task_id, -1))
-            if ti and ti["state"] == state:
-                return ti
-            assert time.monotonic() < deadline, f"{task_id} of {run_id} is {ti and ti['state']}, not {state}"
-            time.sleep(2)
-
-    def task_instances(self, run_id: str) -> dict[tuple[str, int], dict]:
-        items = self("GET", f"/dags/user_migration/dagRuns/{run_id}/taskInstances")["task_instances"]
-        return {(t["task_id"], t["map_index"]): t for t in items}
+        assert "api-server" in stopped and not left, (stopped, left)
 
 
 @pytest.fixture(scope="module")
@@ -147,23 +69,6 @@ def api(stack: airflow_stack.Stack) -> Api:
     assert dag["is_paused"] is True  # new DAGs start paused: nothing runs until a user says so
     assert api("PATCH", "/dags/user_migration", {"is_paused": False})["is_paused"] is False
     return api
-
-
-def _target(stack: airflow_stack.Stack) -> list[tuple]:
-    with psycopg.connect(stack.legacy_dsn) as conn:
-        return conn.execute(
-            "SELECT id, password, last_login, email, username, full_name, date_of_birth, phone_number, "
-            "is_active, joined_at, updated_at FROM account_newuser ORDER BY id"
-        ).fetchall()
-
-
-def _audit_run(stack: airflow_stack.Stack, run_id: str) -> tuple[str, dict]:
-    with psycopg.connect(stack.legacy_dsn) as conn:
-        row = conn.execute(
-            "SELECT state, summary FROM migration_audit.runs WHERE run_id = %s", (run_id,)
-        ).fetchone()
-    assert row is not None, f"no audit record for {run_id}"
-    return row
 
 
 def test_token_flow_refuses_a_wrong_password(stack):
@@ -200,74 +105,24 @@ def test_trigger_through_the_rest_api_migrates_every_row(stack, api):
     assert summary["source_rows"] == USERS
     assert summary["migrated"] + summary["rejected"] == USERS
     assert 0 < summary["rejected"] < USERS * 0.1
-    state, audit = _audit_run(stack, "rest_trigger_1")
+    state, audit = audit_run(stack, "rest_trigger_1")
     assert state == "success" and audit["migrated"] == summary["migrated"]
-    assert len(_target(stack)) == summary["migrated"]
+    assert len(target(stack)) == summary["migrated"]
 
 
 def test_trigger_through_the_cli_is_a_pass_that_changes_nothing(stack, api):
-    before = _target(stack)
+    before = target(stack)
     airflow(stack.env, "dags", "trigger", "user_migration", "--run-id", "cli_trigger_1")
     assert api.wait_for_run("cli_trigger_1")["state"] == "success"
-    state, audit = _audit_run(stack, "cli_trigger_1")
+    state, audit = audit_run(stack, "cli_trigger_1")
     assert state == "success"
     assert (audit["inserted"], audit["updated"], audit["removed"]) == (0, 0, 0)
     assert audit["unchanged"] == audit["migrated"] == len(before)
-    assert _target(stack) == before
+    assert target(stack) == before
 
 
 def test_backfill_of_three_days_makes_three_passes_and_no_duplicates(stack, api):
-    before = _target(stack)
-    airflow(
-        stack.env,
-        "backfill",
-        "create",
-        "--dag-id",
-        "user_migration",
-        "--from-date",
-        "2026-11-01",
-        "--to-date",
-        "2026-11-03",
-    )
-    deadline = time.monotonic() + 400
-    while True:
-        runs = [
-            r
-            for r in api("GET", "/dags/user_migration/dagRuns?run_type=backfill")["dag_runs"]
-            if r["run_type"] == "backfill"
-        ]
-        if len(runs) == 3 and all(r["state"] in ("success", "failed") for r in runs):
-            break
-        assert time.monotonic() < deadline, (
-            f"backfill not done: {[(r['dag_run_id'], r['state']) for r in runs]}"
-        )
-        time.sleep(3)
-    assert sorted(r["logical_date"][:10] for r in runs) == ["2026-11-01", "2026-11-02", "2026-11-03"]
-    assert all(r["state"] == "success" for r in runs)
-    for r in runs:
-        state, audit = _audit_run(stack, r["dag_run_id"])
-        assert state == "success"
-        assert (audit["inserted"], audit["updated"], audit["removed"]) == (0, 0, 0)
-    with psycopg.connect(stack.legacy_dsn) as conn:
-        logged = conn.execute(
-            "SELECT count(*) FROM migration_audit.runs WHERE run_id = ANY(%s) AND logical_date IS NOT NULL",
-            ([r["dag_run_id"] for r in runs],),
-        ).fetchone()[0]
-        duplicates = conn.execute(
-            "SELECT count(*) FROM (SELECT lower(email) FROM account_newuser GROUP BY 1 HAVING count(*) > 1) AS d"
-        ).fetchone()[0]
-        # Airflow starts a backfill's runs side by side; they take turns on the writer lease by
-        # rescheduling (state 'waiting'), never by failing and spending retries.
-        attempts = dict(
-            conn.execute(
-                "SELECT state, count(*) FROM migration_audit.task_attempts WHERE run_id = ANY(%s) GROUP BY state",
-                ([r["dag_run_id"] for r in runs],),
-            ).fetchall()
-        )
-    print("task attempts of the backfill's runs by state:", attempts)
-    assert logged == 3 and duplicates == 0
-    assert "failed" not in attempts, attempts
-    assert _target(stack) == before
+    backfill_makes_passes_that_change_nothing(stack, api, "2026-11-01", "2026-11-03")
 
 
 def test_a_task_that_fails_once_is_retried_by_the_scheduler(stack, api):
@@ -429,13 +284,6 @@ def test_the_migration_page_during_and_after_a_copy(stack, api):
         assert (shots / f"{name}.png").stat().st_size > 10_000, name
 
 
-def _meta(stack: airflow_stack.Stack, query: str, args: tuple) -> list[tuple]:
-    """Rows from Airflow's own metadata database (PostgreSQL in the stack)."""
-    dsn = stack.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(dsn) as conn:
-        return conn.execute(query, args).fetchall()
-
-
 def _legacy_writable(stack: airflow_stack.Stack) -> bool:
     with psycopg.connect(stack.legacy_dsn) as conn:
         try:
@@ -478,7 +326,7 @@ def test_a_rejected_cutover_leaves_the_legacy_tables_writable_and_the_deadline_f
     # and left the callback 'queued' or 'running': docs/operations.md, "The deadline alert".)
     deadline = time.monotonic() + 120
     while True:
-        rows = _meta(
+        rows = meta(
             stack,
             "SELECT d.missed, c.state, c.output FROM deadline d JOIN dag_run r ON r.id = d.dagrun_id "
             "JOIN callback c ON c.id = d.callback_id WHERE r.run_id = %s",
@@ -507,7 +355,7 @@ def test_a_rejected_cutover_leaves_the_legacy_tables_writable_and_the_deadline_f
         "skipped",
         "success",
     )
-    state, summary = _audit_run(stack, run)
+    state, summary = audit_run(stack, run)
     assert state == "success"
     assert summary["cutover"]["state"] == "not_approved"
     assert summary["cutover"]["decision"] == "rejected by admin"
@@ -525,7 +373,7 @@ def test_an_unanswered_approval_times_out_as_reject(stack, api):
     )
     assert api.wait_for_run(run, timeout=500)["state"] == "success"
     assert api.task_instances(run)[("cutover", -1)]["state"] == "skipped"
-    _, summary = _audit_run(stack, run)
+    _, summary = audit_run(stack, run)
     assert summary["cutover"]["decision"] == "no answer before the approval timed out"
     assert _legacy_writable(stack)
 
@@ -548,7 +396,7 @@ def test_an_approved_cutover_emits_its_asset_event(stack, api):
     extra = event["extra"]
     assert extra["kind"] == "cutover" and extra["run_id"] == run
     assert extra["source_checksum"] == extra["target_checksum"] and extra["write_pause_seconds"] >= 0
-    _, summary = _audit_run(stack, run)
+    _, summary = audit_run(stack, run)
     assert summary["cutover"]["state"] == "active" and summary["cutover"]["approval"]["by"] == "admin"
     assert not _legacy_writable(stack)
 

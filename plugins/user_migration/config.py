@@ -128,6 +128,11 @@ def load_mapping(overrides: dict[str, Any] | None = None) -> LegacyMapping:
     env_file = os.environ.get(MAPPING_FILE_ENV)
     if env_file:
         path = Path(env_file)
+        if not path.is_absolute():
+            raise ConfigError(
+                f"{MAPPING_FILE_ENV} must be an absolute path, got {env_file!r}: each worker would read a "
+                "relative one from its own working folder"
+            )
         if not path.is_file():
             raise ConfigError(f"{MAPPING_FILE_ENV} points at {path}, which is not a file")
         try:
@@ -362,4 +367,15 @@ class Settings:
 
 
 def backup_root() -> Path:
-    return Path(os.environ.get(BACKUP_DIR_ENV) or DEFAULT_BACKUP_DIR)
+    """The backup folder. Tasks of one run may run on different workers (Celery, Kubernetes): they
+    all read and write it, so it must be one absolute path naming the same shared folder on each."""
+    value = os.environ.get(BACKUP_DIR_ENV)
+    if not value:
+        return DEFAULT_BACKUP_DIR
+    path = Path(value)
+    if not path.is_absolute():
+        raise ConfigError(
+            f"{BACKUP_DIR_ENV} must be an absolute path, got {value!r}: each worker would read a relative "
+            "one from its own working folder. Name the folder every worker shares"
+        )
+    return path

@@ -39,6 +39,7 @@ def build_summary(target: psycopg.Connection, run_id: str, settings: Settings, r
         "SELECT backup_path, backup_note FROM migration_audit.runs WHERE run_id = %s", (run_id,)
     ).fetchone()
     backup_path, backup_note = backup if backup else (None, None)
+    check_backup_visible(backup_path)
     retention = prune_backups(
         target, root, run_id, settings.backup_keep, settings.backup_keep_days, apply=not settings.dry_run
     )
@@ -61,6 +62,23 @@ def build_summary(target: psycopg.Connection, run_id: str, settings: Settings, r
         "settings": {k: v for k, v in settings.public().items() if k != "mapping"},
         "personal_data": PERSONAL_DATA_NOTE.format(backup=backup_path),
     }
+
+
+def check_backup_visible(backup_path: str | None) -> None:
+    """The run's backup, written by the backup task (maybe on another worker), must be here too.
+
+    Otherwise the backup folder is not shared: the report would land in a folder of its own on
+    this worker, and retention would judge backups it cannot see.
+    """
+    from user_migration.backup import MANIFEST
+    from user_migration.config import ConfigError
+
+    if backup_path and not (Path(backup_path) / MANIFEST).is_file():
+        raise ConfigError(
+            f"this run's backup {backup_path} (written by its backup task) is not visible on the worker "
+            "running the report: USER_MIGRATION_BACKUP_DIR must name one folder that every worker "
+            "shares, at the same path. No report written, no backup deleted"
+        )
 
 
 def cutover_outcome(
