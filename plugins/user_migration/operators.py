@@ -266,10 +266,11 @@ class MigrationPlanOperator(_MigrationOperator):
         with self.legacy() as legacy:
             plan = make_plan(legacy, target, settings, context["run_id"], pass_date())
         self.log.info(
-            "plan: %s source rows, %s partitions, %s duplicates",
+            "plan: %s source rows, %s partitions, %s duplicates (%s)",
             plan["source_rows"],
             len(plan["partitions"]),
             plan["duplicates"],
+            plan["duplicates_note"],
         )
         return plan["partitions"]
 

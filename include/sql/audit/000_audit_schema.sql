@@ -299,3 +299,12 @@ CREATE TABLE IF NOT EXISTS migration_audit.throttle_events (
     at            timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX IF NOT EXISTS throttle_events_run_idx ON migration_audit.throttle_events (run_id, partition_no);
+
+-- A quiet pass (issue 13 item 4). The plan records the change-log entries its snapshot saw and the
+-- transform settings it decided with, so that a later plan can prove the legacy table unchanged
+-- since and take over its duplicate decision (plan/reusable_duplicates.sql) instead of scanning
+-- the table again; duplicates_from names the run whose decision was taken over, and why.
+ALTER TABLE migration_audit.plans ADD COLUMN IF NOT EXISTS log_entries bigint NULL;
+ALTER TABLE migration_audit.plans ADD COLUMN IF NOT EXISTS transform_settings bigint NULL;
+ALTER TABLE migration_audit.plans ADD COLUMN IF NOT EXISTS duplicates_from text NULL;
+ALTER TABLE migration_audit.plans ADD COLUMN IF NOT EXISTS duplicates_note text NULL;
