@@ -35,7 +35,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from user_migration import capture, privileges
+from user_migration import capture, privileges, validation_reuse
 from user_migration.config import Settings
 from user_migration.db import read_sql
 from user_migration.errors import MigrationError
@@ -319,6 +319,7 @@ def _attempt(job: _Job, attempt: int) -> dict[str, Any]:
                 # here would wait for every open read, and the read-only triggers fire before them.
                 set_legacy_read_only(legacy, job.settings, job.run_id)
                 target.execute(read_sql("cutover/untrack_changes.sql"))
+                validation_reuse.disable_write_triggers(target)
                 result["cutover_id"] = _record(job, proof, attempt, result)
         _between_commits()
     pause = time.monotonic() - requested

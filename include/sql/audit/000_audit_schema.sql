@@ -308,3 +308,27 @@ ALTER TABLE migration_audit.plans ADD COLUMN IF NOT EXISTS log_entries bigint NU
 ALTER TABLE migration_audit.plans ADD COLUMN IF NOT EXISTS transform_settings bigint NULL;
 ALTER TABLE migration_audit.plans ADD COLUMN IF NOT EXISTS duplicates_from text NULL;
 ALTER TABLE migration_audit.plans ADD COLUMN IF NOT EXISTS duplicates_note text NULL;
+
+-- Statements that changed rows of the tables the validation checks, noted by statement-level
+-- triggers on them (include/sql/validation/install_write_triggers.sql). Insert-only.
+CREATE TABLE IF NOT EXISTS migration_audit.target_writes (
+    seq         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    table_name  text NOT NULL,
+    op          text NOT NULL,
+    xid         xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    at          timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+-- Each run's Great Expectations suite: the state of the target it was run on or taken over for
+-- (basis: validation/target_basis.sql plus the suite's own fingerprint), whether it ran (ran) or its
+-- results were taken over from basis_run's because that state was the same, its outcomes, and why.
+CREATE TABLE IF NOT EXISTS migration_audit.suite_runs (
+    run_id       text PRIMARY KEY,
+    basis        jsonb NOT NULL,
+    ran          boolean NOT NULL,
+    basis_run    text NULL,
+    passed       boolean NOT NULL,
+    outcomes     jsonb NOT NULL,
+    note         text NOT NULL,
+    seconds      double precision NULL,
+    recorded_at  timestamptz NOT NULL DEFAULT clock_timestamp()
+);
