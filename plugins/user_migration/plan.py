@@ -283,7 +283,7 @@ def make_plan(
             )
     transform_settings = settings.transform_fingerprint()
     logged: int | None = None
-    reuse = Reuse(None, "full scan")
+    reuse = Reuse(None, f"full scan: the pass compares every row ({mode.reason})")
     with DuplicateLedger() as ledger:
         with source.transaction():
             if own_snapshot:
@@ -291,7 +291,9 @@ def make_plan(
             count, ranges = partition_ranges(source, mapping, settings.partitions)
             if mode.installed:  # what this snapshot saw of the log, for a later plan's proof
                 logged = log_entries(source, mapping)
-            if mode.changes == "log" and own_snapshot:
+            if not own_snapshot:
+                reuse = Reuse(None, "full scan: planned inside the caller's transaction")
+            elif mode.changes == "log":
                 if logged:
                     reuse = Reuse(None, f"full scan: the change log holds {logged} entries")
                 else:
