@@ -266,6 +266,9 @@ def _attempt(job: _Job, attempt: int) -> dict[str, Any]:
                     sql.SQL(", ").join(map(sql.Identifier, NEW_TABLES))
                 )
             )
+            # Before anything is written (ALTER TABLE refuses a table with deferred checks pending)
+            # and outside the write pause; rolled back with the attempt, committed with the cutover.
+            validation_reuse.disable_write_triggers(target)
             rounds, caught_up = _catch_up(job, options.max_backlog, "catch-up")
             before = _verify_target(target)
             legacy_mismatches = _verify_legacy(job) if full_verify else None
@@ -319,7 +322,6 @@ def _attempt(job: _Job, attempt: int) -> dict[str, Any]:
                 # here would wait for every open read, and the read-only triggers fire before them.
                 set_legacy_read_only(legacy, job.settings, job.run_id)
                 target.execute(read_sql("cutover/untrack_changes.sql"))
-                validation_reuse.disable_write_triggers(target)
                 result["cutover_id"] = _record(job, proof, attempt, result)
         _between_commits()
     pause = time.monotonic() - requested

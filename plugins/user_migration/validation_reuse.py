@@ -68,9 +68,9 @@ def install_write_triggers(target: psycopg.Connection) -> bool:
 def disable_write_triggers(target: psycopg.Connection) -> None:
     """After the cutover the application writes the new tables: nothing is validated any more, and its
     writes should not pay for a note each. In the caller's transaction (SHARE ROW EXCLUSIVE locks),
-    at its end: ALTER TABLE refuses a table with deferred constraint checks pending, so they run now
-    (they would at the commit)."""
-    target.execute("SET CONSTRAINTS ALL IMMEDIATE")
+    before it writes the tables: ALTER TABLE refuses a table with deferred constraint checks pending.
+    A cutover that does not commit leaves them enabled; one whose legacy side then fails (abandoned)
+    leaves them disabled, and the next pass reinstalls them, so its suite runs."""
     for table in REQUIRED_TABLES:
         for event in TRIGGER_EVENTS:
             name = f"user_migration_writes_{event}"
