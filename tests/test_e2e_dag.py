@@ -218,6 +218,13 @@ def test_second_run_changes_nothing_and_other_batching_gives_the_same_result(
         ).fetchone()[0]
     assert (summary["inserted"], summary["updated"], summary["removed"]) == (0, 0, 0)
     assert summary["unchanged"] == len(fx.MIGRATED)
+    with psycopg.connect(legacy) as conn:  # a quiet pass: both taken over (decision 0011)
+        taken = conn.execute(
+            "SELECT p.duplicates_from IS NOT NULL, s.ran FROM migration_audit.plans AS p "
+            "JOIN migration_audit.suite_runs AS s USING (run_id) WHERE run_id = %s",
+            (latest_run_id(legacy),),
+        ).fetchone()
+    assert taken == (True, False)
 
     other = make_db("e2e_other")
     fx.load(other)

@@ -435,13 +435,15 @@ def _stage_validate(spec, conn, settings):
     import great_expectations  # noqa: F401  (imported before the clock starts: ~seconds of imports)
 
     from user_migration import audit
-    from user_migration.validation import validate_target
+    from user_migration.validation_reuse import run_suite
 
     def work():
         started = time.perf_counter()
         numbers = audit.reconcile(conn, spec["run_id"])
         reconciled = time.perf_counter()
-        outcomes = validate_target(_sqlalchemy_url(spec["dsn"]), expected_users=numbers["migrated"])
+        # As the DAG's validate task: the suite runs unless the target is provably as a passed suite saw it.
+        suite = run_suite(conn, _sqlalchemy_url(spec["dsn"]), spec["run_id"], numbers["migrated"])
+        outcomes = suite.outcomes
         checked = time.perf_counter()
         failed = [o.failure_message() for o in outcomes if not o.success]
         accounted = numbers["migrated"] + numbers["rejected"]
@@ -458,6 +460,7 @@ def _stage_validate(spec, conn, settings):
                 "validate_target": round(checked - reconciled, 3),
             },
             "reconcile": numbers,
+            "suite": {"ran": suite.ran, "basis_run": suite.basis_run, "note": suite.note},
             "accounted": accounted == numbers["source_rows"] == numbers["rows_read"],
             "checks": len(outcomes),
             "checks_passed": len(outcomes) - len(failed),
@@ -964,7 +967,10 @@ def run_after_first_load(args, dsn: str, rows: int, run_id: str, workdir: Path, 
                 "seconds": round(sum(s["seconds"] for s in stages), 3),
                 "process_seconds": round(sum(s["process_seconds"] for s in stages), 3),
             },
-            "plan": {k: details["plan"][k] for k in ("source_rows", "duplicates", "timings")},
+            "plan": {
+                k: details["plan"][k]
+                for k in ("source_rows", "duplicates", "duplicates_from", "duplicates_note", "timings")
+            },
             "profiles": details["profiles"],
             "validation": validation,
         }

@@ -304,6 +304,10 @@ def print_extras(report: dict[str, Any]) -> None:
             timings = (quiet["validation"] if stage == "validate" else quiet[stage]).get("timings")
             if timings:
                 print(f"  {stage}: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
+        if quiet["plan"].get("duplicates_note"):
+            print(f"  duplicates: {quiet['plan']['duplicates_note']}")
+        if v.get("suite"):
+            print(f"  GX: {v['suite']['note']}")
     cost = report.get("trigger_cost")
     if cost:
         print()

@@ -35,7 +35,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from user_migration import capture, privileges
+from user_migration import capture, privileges, validation_reuse
 from user_migration.config import Settings
 from user_migration.db import read_sql
 from user_migration.errors import MigrationError
@@ -323,6 +323,9 @@ def _before_the_lock(job: _Job) -> _Unlocked:
     target.execute(
         sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(sql.SQL(", ").join(map(sql.Identifier, NEW_TABLES)))
     )
+    # Before anything is written (ALTER TABLE refuses a table with deferred checks pending)
+    # and outside the write pause; rolled back with the attempt, committed with the cutover.
+    validation_reuse.disable_write_triggers(target)
     rounds, caught_up = _catch_up(job, options.max_backlog, "catch-up")
     before = _verify_target(target)
     legacy_mismatches = _verify_legacy(job) if full_verify else None

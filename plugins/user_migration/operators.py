@@ -8,7 +8,6 @@ cannot fix (a bad setting, a missing table, a failed check) fail at once without
 from __future__ import annotations
 
 import datetime as dt
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -302,10 +301,11 @@ class MigrationPlanOperator(_MigrationOperator):
         with self.legacy() as legacy:
             plan = make_plan(legacy, target, settings, context["run_id"], pass_date())
         self.log.info(
-            "plan: %s source rows, %s partitions, %s duplicates",
+            "plan: %s source rows, %s partitions, %s duplicates (%s)",
             plan["source_rows"],
             len(plan["partitions"]),
             plan["duplicates"],
+            plan["duplicates_note"],
         )
         return plan["partitions"]
 
@@ -422,17 +422,22 @@ class GreatExpectationsValidationOperator(_MigrationOperator):
             f"{settings.max_reject_ratio:.2%} (Param max_reject_ratio)",
         )
         if not settings.dry_run:
-            from user_migration.validation import validate_target
+            from user_migration.validation_reuse import run_suite
 
             drift = audit.sync_drift(target)
             check("no_sync_drift", not any(drift.values()), drift, audit.drift_message(drift))
 
-            started = time.perf_counter()
-            for outcome in validate_target(
-                self._target_hook.sqlalchemy_url(), expected_users=numbers["migrated"]
-            ):
+            suite = run_suite(
+                target,
+                self._target_hook.sqlalchemy_url(),
+                run_id,
+                numbers["migrated"],
+                force=settings.full_reconcile,
+            )
+            for outcome in suite.outcomes:
                 check(outcome.name, outcome.success, outcome.observed, outcome.failure_message())
-            self.log.info("Great Expectations ran in %.1f s", time.perf_counter() - started)
+                outcomes[-1]["details"]["suite"] = suite.note
+            self.log.info("Great Expectations: %s (%.1f s)", suite.note, suite.seconds)
         audit.store_validation(target, run_id, outcomes)
         failed = [o for o in outcomes if not o["success"]]
         for o in outcomes:

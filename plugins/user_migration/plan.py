@@ -4,6 +4,11 @@ Duplicates are decided once, globally, before any partition runs: SQL finds the 
 share an email or username with another row, the transform rules decide which of those are valid,
 and the lowest valid id of each group wins. Partitions only read that decision, so the outcome never
 depends on batch size, partition count or the order partitions run in.
+
+A quiet pass takes the last plan's decision over instead of scanning the table again, when it can
+prove that the legacy table did not change since that plan's snapshot (reusable_decision): the
+decision is a function of the rows and the transform rules only. The plan records which run's
+decision it took, or why it scanned (plans.duplicates_from, plans.duplicates_note).
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ from user_migration import capture, deferred_indexes
 from user_migration.config import LegacyMapping, Settings
 from user_migration.db import legacy_select_list, read_sql, users_table
 from user_migration.transforms import (
+    DOB_IN_FUTURE,
     DUPLICATE_EMAIL,
     DUPLICATE_USERNAME,
+    INVALID_DATE_OF_BIRTH,
     LegacyRow,
     Transformer,
     email_key,
@@ -40,6 +47,15 @@ STREAM_ROWS = 10_000
 # The claims among a batch's keys (given as one JSON array, whatever the batch size).
 EMAIL_CLAIMS = "SELECT key, id FROM email_claims WHERE key IN (SELECT value FROM json_each(?))"
 USERNAME_CLAIMS = "SELECT key, id FROM username_claims WHERE key IN (SELECT value FROM json_each(?))"
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """Whether a plan takes over the last plan's duplicate decision: ``base`` is that run, or None."""
+
+    base: str | None
+    note: str
+    duplicates: int = 0
 
 
 @dataclass(frozen=True)
@@ -170,6 +186,73 @@ def find_duplicates(
     ledger.decide(batch)
 
 
+def log_entries(source: psycopg.Connection, mapping: LegacyMapping) -> int:
+    """The change log's entries for users visible in the caller's snapshot (markers excluded)."""
+    return source.execute(
+        sql.SQL("SELECT count(*) FROM {} WHERE source_id IS NOT NULL").format(capture.log_table(mapping))
+    ).fetchone()[0]
+
+
+def reusable_decision(
+    target: psycopg.Connection, run_id: str, transform_settings: int, as_of: dt.date
+) -> Reuse:
+    """Whether the last plan's duplicate decision still holds, with the reason either way.
+
+    Call it only in a pass that reads a trusted change log which is empty in the plan's snapshot.
+    The decision is a function of the legacy rows and the transform rules: it holds when neither
+    changed since that plan's snapshot (plan/reusable_duplicates.sql says how the first is proved).
+    The rules are the transform settings and the pass date, through the date-of-birth rule only:
+    a row rejected as born in the future may be valid a day later.
+    """
+    row = target.execute(
+        read_sql("plan/reusable_duplicates.sql"),
+        {"run_id": run_id, "dob_reason": INVALID_DATE_OF_BIRTH, "dob_future": DOB_IN_FUTURE},
+    ).fetchone()
+    if row is None:
+        return Reuse(None, "full scan: no earlier plan to take the decision from")
+    (
+        base,
+        duplicates,
+        logged,
+        consumed,
+        consumed_since,
+        settings,
+        base_as_of,
+        stored,
+        planned,
+        done,
+        future,
+    ) = row
+    why_not = None
+    if logged is None:
+        why_not = f"plan of run {base} did not record the change log it saw"
+    elif consumed != logged:
+        why_not = (
+            f"run {base}'s partitions consumed {consumed} change-log entries, its plan saw {logged}: "
+            "the legacy table changed after that plan"
+        )
+    elif consumed_since:
+        why_not = f"runs after {base} consumed {consumed_since} change-log entries"
+    elif settings != transform_settings:
+        why_not = f"the transform settings differ from run {base}'s"
+    elif stored != duplicates:
+        why_not = f"run {base} holds {stored} of its {duplicates} duplicate decisions"
+    elif base_as_of != as_of.isoformat() and (done != planned or future):
+        why_not = f"run {base} was planned on {base_as_of}: " + (
+            f"{future} rows rejected as born in the future may be valid now"
+            if future
+            else "it did not finish"
+        )
+    if why_not is not None:
+        return Reuse(None, f"full scan: {why_not}")
+    return Reuse(
+        base,
+        f"taken over from run {base}: the change log was empty and no change was consumed since its plan, "
+        "under the same transform settings",
+        duplicates,
+    )
+
+
 def _legacy_rows(cursor: psycopg.Cursor):
     def make(values: tuple[Any, ...]) -> LegacyRow:
         return LegacyRow(*values)
@@ -198,13 +281,26 @@ def make_plan(
             mode = capture.prepare(
                 source, target, mapping, settings.full_reconcile, run_id, settings.lock_timeout_ms
             )
+    transform_settings = settings.transform_fingerprint()
+    logged: int | None = None
+    reuse = Reuse(None, f"full scan: the pass compares every row ({mode.reason})")
     with DuplicateLedger() as ledger:
         with source.transaction():
             if own_snapshot:
                 source.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             count, ranges = partition_ranges(source, mapping, settings.partitions)
-            if count:
+            if mode.installed:  # what this snapshot saw of the log, for a later plan's proof
+                logged = log_entries(source, mapping)
+            if not own_snapshot:
+                reuse = Reuse(None, "full scan: planned inside the caller's transaction")
+            elif mode.changes == "log":
+                if logged:
+                    reuse = Reuse(None, f"full scan: the change log holds {logged} entries")
+                else:
+                    reuse = reusable_decision(target, run_id, transform_settings, as_of)
+            if count and reuse.base is None:
                 find_duplicates(source, mapping, transformer, ledger)
+        duplicates = reuse.duplicates if reuse.base is not None else ledger.losers
         # An empty target is loaded with plain COPY; once it holds users, partitions merge instead. The
         # ranges also cover every id already in the target and in the sync state, so users deleted from
         # the legacy table leave, and so does the state of a deleted reject above every legacy id (the
@@ -235,27 +331,39 @@ def make_plan(
             target.execute("DELETE FROM migration_audit.plans WHERE run_id = %s", (run_id,))
             target.execute(
                 "INSERT INTO migration_audit.plans (run_id, source_rows, min_id, max_id, partitions, duplicates, "
-                "changes, changes_reason, capture_markers) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                "changes, changes_reason, capture_markers, log_entries, transform_settings, duplicates_from, "
+                "duplicates_note) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 (
                     run_id,
                     count,
                     ranges[0][0] if count else None,
                     ranges[-1][1] if count else None,
                     Jsonb(partitions),
-                    ledger.losers,
+                    duplicates,
                     mode.changes,
                     mode.reason,
                     list(mode.markers),
+                    logged,
+                    transform_settings,
+                    reuse.base,
+                    reuse.note,
                 ),
             )
-            with (
-                target.cursor() as cur,
-                cur.copy(
-                    "COPY migration_audit.plan_duplicates (run_id, source_id, reason, kept_id) FROM STDIN"
-                ) as copy,
-            ):
-                for dup in ledger:
-                    copy.write_row((run_id, dup.source_id, dup.reason, dup.kept_id))
+            if reuse.base is not None:
+                target.execute(
+                    "INSERT INTO migration_audit.plan_duplicates (run_id, source_id, reason, kept_id) "
+                    "SELECT %s, source_id, reason, kept_id FROM migration_audit.plan_duplicates WHERE run_id = %s",
+                    (run_id, reuse.base),
+                )
+            else:
+                with (
+                    target.cursor() as cur,
+                    cur.copy(
+                        "COPY migration_audit.plan_duplicates (run_id, source_id, reason, kept_id) FROM STDIN"
+                    ) as copy,
+                ):
+                    for dup in ledger:
+                        copy.write_row((run_id, dup.source_id, dup.reason, dup.kept_id))
             deferred = (
                 deferred_indexes.defer(target, run_id) if initial_load and own_snapshot and count else []
             )
@@ -263,7 +371,9 @@ def make_plan(
         "source_rows": count,
         "changes": mode.changes,
         "changes_reason": mode.reason,
-        "duplicates": ledger.losers,
+        "duplicates": duplicates,
+        "duplicates_from": reuse.base,
+        "duplicates_note": reuse.note,
         "partitions": partitions,
         "deferred_indexes": deferred,
     }

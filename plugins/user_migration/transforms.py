@@ -29,6 +29,8 @@ MISSING_USERNAME = "missing_username"
 MISSING_FULL_NAME = "missing_full_name"
 INVALID_EMAIL = "invalid_email"
 INVALID_DATE_OF_BIRTH = "invalid_date_of_birth"
+# The one rule that depends on the pass's date (plan.reusable_decision looks for it).
+DOB_IN_FUTURE = "date_of_birth is in the future"
 MISSING_VALUE = "missing_value"
 VALUE_TOO_LONG = "value_too_long"
 INVALID_PHONE = "invalid_phone"
@@ -252,7 +254,7 @@ class Transformer:
         if dob is None:
             return None, Reject(INVALID_DATE_OF_BIRTH, "date_of_birth is missing"), []
         if dob > self.today:
-            return None, Reject(INVALID_DATE_OF_BIRTH, "date_of_birth is in the future"), []
+            return None, Reject(INVALID_DATE_OF_BIRTH, DOB_IN_FUTURE), []
         if dob < OLDEST_DATE_OF_BIRTH:
             return None, Reject(INVALID_DATE_OF_BIRTH, "date_of_birth is before 1900-01-01"), []
         for name in ("password", "is_superuser", "is_active", "is_staff"):

@@ -7,6 +7,7 @@ exists so that invariants (idempotency, batch/partition independence) can be che
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,11 @@ def run_stages(
     backup_root: Path,
     as_of: dt.date | None = None,
     partition_order: list[int] | None = None,
+    after_plan: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """backup, ddl, plan, copy (every partition, in ``partition_order``), profiles; returns reconcile()
-    with the backup folder, the plan's partitions and each copied partition's result."""
+    with the backup folder, the plan's partitions and each copied partition's result. ``after_plan``
+    runs between the plan and the copy (the application writing meanwhile)."""
     as_of = as_of or dt.date.today()
     with (
         psycopg.connect(legacy_dsn, autocommit=True) as legacy,
@@ -47,6 +50,8 @@ def run_stages(
             apply_schema(target, run_id)
         plan = make_plan(legacy, target, settings, run_id, as_of)
         partitions = plan["partitions"]
+        if after_plan is not None:
+            after_plan()
         order = partition_order if partition_order is not None else range(len(partitions))
         copied = [copy_partition(legacy, target, settings, run_id, partitions[index]) for index in order]
         if not settings.dry_run:

@@ -325,3 +325,36 @@ CREATE TABLE IF NOT EXISTS migration_audit.partition_progress (
     updated_at    timestamptz NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (run_id, partition_no)
 );
+
+-- A quiet pass (issue 13 item 4). The plan records the change-log entries its snapshot saw and the
+-- transform settings it decided with, so that a later plan can prove the legacy table unchanged
+-- since and take over its duplicate decision (plan/reusable_duplicates.sql) instead of scanning
+-- the table again; duplicates_from names the run whose decision was taken over, and why.
+ALTER TABLE migration_audit.plans ADD COLUMN IF NOT EXISTS log_entries bigint NULL;
+ALTER TABLE migration_audit.plans ADD COLUMN IF NOT EXISTS transform_settings bigint NULL;
+ALTER TABLE migration_audit.plans ADD COLUMN IF NOT EXISTS duplicates_from text NULL;
+ALTER TABLE migration_audit.plans ADD COLUMN IF NOT EXISTS duplicates_note text NULL;
+
+-- Statements that changed rows of the tables the validation checks, noted by statement-level
+-- triggers on them (include/sql/validation/install_write_triggers.sql). Insert-only.
+CREATE TABLE IF NOT EXISTS migration_audit.target_writes (
+    seq         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    table_name  text NOT NULL,
+    op          text NOT NULL,
+    xid         xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    at          timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+-- Each run's Great Expectations suite: the state of the target it was run on or taken over for
+-- (basis: validation/target_basis.sql plus the suite's own fingerprint), whether it ran (ran) or its
+-- results were taken over from basis_run's because that state was the same, its outcomes, and why.
+CREATE TABLE IF NOT EXISTS migration_audit.suite_runs (
+    run_id       text PRIMARY KEY,
+    basis        jsonb NOT NULL,
+    ran          boolean NOT NULL,
+    basis_run    text NULL,
+    passed       boolean NOT NULL,
+    outcomes     jsonb NOT NULL,
+    note         text NOT NULL,
+    seconds      double precision NULL,
+    recorded_at  timestamptz NOT NULL DEFAULT clock_timestamp()
+);
