@@ -85,6 +85,33 @@ STATE_LOAD_COPY = (
     "transform_settings) FROM STDIN"
 )
 TRANSFORM_CHANGED = "transform settings changed since the last pass: every row re-transformed"
+# The users' and state rows' COPY in binary (~3x less Python than text and ~30% less server, the
+# text formatting and parsing of timestamps above all), with the types psycopg dumps each value as:
+# the target's columns' own (a varchar or char(1) takes text's binary form, which is its own).
+USER_TYPES = ("int8", "text", "timestamptz", "bool", "text", "text", "text", "date", "text", "bool", "bool")
+STAMP_TYPES = ("timestamptz", "timestamptz")
+STATE_TYPES = ("int8", "bytea", "text", "int8", "int8")
+STATE_TAIL_TYPES = ("text", "int8")
+BINARY = " (FORMAT BINARY)"
+# Binary only when every legacy column comes as these types (pg_type oids), whose Python values the
+# binary dumpers take exactly as text COPY's input would: not, say, a naive last_login (a
+# timestamp column: text COPY reads it in the session's time zone, binary refuses it), an integer
+# flag or a numeric id. Anything else keeps text COPY, as before.
+_INTEGERS, _STRINGS = frozenset({20, 21, 23}), frozenset({25, 1042, 1043})
+BINARY_SAFE_TYPES = (
+    _INTEGERS,  # id
+    _STRINGS,  # password
+    frozenset({1184}),  # last_login: timestamptz
+    frozenset({16}),  # is_superuser
+    _STRINGS,  # email
+    _STRINGS,  # username
+    _STRINGS,  # full_name
+    frozenset({1082}),  # date_of_birth: date
+    _STRINGS,  # phone_number
+    frozenset({16}),  # is_active
+    frozenset({16}),  # is_staff
+    frozenset({17}),  # the row hash: bytea
+)
 
 
 @dataclass
@@ -524,6 +551,7 @@ def _copy_batches(
     rejected_ids: list[int] = []
     claims = Claims() if job.path == "changes" else None
     sizer = BatchSizer(settings, adaptive=job.own_snapshot)
+    binary: bool | None = None  # decided on the first batch's column types
     with job.target.cursor() as out:
         batch_no = 0
         waited = job.throttle.gate(reader.release)  # a pause set before the start holds it too
@@ -536,6 +564,8 @@ def _copy_batches(
             if not fetched:
                 break
             batch_read(batch_no, fetched)
+            if binary is None:
+                binary = binary_copy_ok(reader.description)
             # The plan's losers of this batch only (rows come in id order): memory stays
             # bounded by the batch, however many duplicates the partition holds.
             losers = _losers(job.target, run_id, fetched[0][0], fetched[-1][0])
@@ -544,7 +574,7 @@ def _copy_batches(
             )
             if job.path in MERGING:
                 rejected_ids += batch.rejected_ids
-            _write_batch(out, batch, users_copy, stamps, job.path, state_tail)
+            _write_batch(out, batch, users_copy, stamps, job.path, state_tail, binary)
             seconds = time.perf_counter() - batch_started
             out.execute(
                 read_sql("copy/record_batch.sql"),
@@ -605,6 +635,17 @@ def _merge_and_link(job: _Job, rows: _Rows, rejected_ids: list[int]) -> None:
             )
 
 
+def binary_copy_ok(description: list[Any] | None) -> bool:
+    """Whether rows read with this cursor description may be written with binary COPY."""
+    return (
+        description is not None
+        and len(description) == len(BINARY_SAFE_TYPES)
+        and all(
+            column.type_code in types for column, types in zip(description, BINARY_SAFE_TYPES, strict=True)
+        )
+    )
+
+
 def _transform_changed(target: psycopg.Connection, lo: int, hi: int, transform_settings: int) -> bool:
     """Whether any state row of ids lo..hi was written under other transform settings than these."""
     return target.execute(
@@ -660,6 +701,7 @@ class _RangeReader:
         self.query = sql.SQL("{} WHERE {} BETWEEN %s AND %s ORDER BY {}").format(select, id_column, id_column)
         self.next_id, self.hi = bounds
         self.cursor: psycopg.ServerCursor | None = None
+        self.description: list[Any] | None = None
 
     def fetch(self, size: int) -> list[tuple]:
         if self.next_id > self.hi:
@@ -669,6 +711,7 @@ class _RangeReader:
             self.cursor = self.source.cursor(name=self.name)
             self.cursor.execute(self.query, (self.next_id, self.hi))
         rows = self.cursor.fetchmany(size)
+        self.description = self.cursor.description
         if rows:
             self.next_id = rows[-1][0] + 1
         else:
@@ -704,13 +747,16 @@ class _IdReader:
         self.source, self.snapshot, self.ids = source, snapshot, ids
         self.query = sql.SQL("{} WHERE {} = ANY(%s) ORDER BY {}").format(select, id_column, id_column)
         self.position = 0
+        self.description: list[Any] | None = None
 
     def fetch(self, size: int) -> list[tuple]:
         while self.position < len(self.ids):
             chunk = self.ids[self.position : self.position + size]
             self.position += size
             self.snapshot.ensure()
-            rows = self.source.execute(self.query, (chunk,)).fetchall()
+            cursor = self.source.execute(self.query, (chunk,))
+            rows = cursor.fetchall()
+            self.description = cursor.description
             if rows:
                 return rows
         return []
@@ -903,25 +949,40 @@ def _write_batch(
     stamps: tuple,
     path: str,
     state_tail: tuple[str, int],
+    binary: bool = False,
 ) -> None:
-    """COPY one batch out; ``state_tail`` is (run_id, transform settings) of a first load's state rows."""
+    """COPY one batch out; ``state_tail`` is (run_id, transform settings) of a first load's state rows.
+
+    With ``binary`` (binary_copy_ok) the users and the state go in binary COPY; the few rejects and
+    fixes (JSON, text) always in text.
+    """
     if users_copy is not None and batch.good:
-        with out.copy(users_copy) as copy:
+        statement = users_copy + sql.SQL(BINARY) if binary else users_copy
+        with out.copy(statement) as copy:
+            if binary:
+                copy.set_types(USER_TYPES + STAMP_TYPES if stamps else USER_TYPES)
+            write = copy.write_row
             for user in batch.good:
-                copy.write_row((*user, *stamps))
+                write((*user, *stamps))
     for statement, items in ((REJECTED_COPY, batch.rejects), (FIXES_COPY, batch.fixes)):
         if items:
             with out.copy(statement) as copy:
                 for item in items:
                     copy.write_row(item)
     if path == "load" and batch.state:
-        with out.copy(STATE_LOAD_COPY) as copy:
+        with out.copy(STATE_LOAD_COPY + BINARY if binary else STATE_LOAD_COPY) as copy:
+            if binary:
+                copy.set_types(STATE_TYPES + STATE_TAIL_TYPES)
+            write = copy.write_row
             for item in batch.state:
-                copy.write_row((*item, *state_tail))
+                write((*item, *state_tail))
     elif path != "dry_run" and batch.state:
-        with out.copy(STATE_COPY) as copy:
+        with out.copy(STATE_COPY + BINARY if binary else STATE_COPY) as copy:
+            if binary:
+                copy.set_types(STATE_TYPES)
+            write = copy.write_row
             for item in batch.state:
-                copy.write_row(item)
+                write(item)
 
 
 def _merge(
