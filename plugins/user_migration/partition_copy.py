@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import struct
 import time
 from collections.abc import Container, Iterable
 from dataclasses import asdict, dataclass, field
@@ -59,6 +60,15 @@ from user_migration.transforms import (
 )
 
 USER_COLUMNS = NewUser._fields
+_UTC = dt.UTC
+_ZERO = dt.timedelta(0)
+# The fingerprint's md5: CPython's own (no OpenSSL call) when it has one, about 40% cheaper on a
+# short text; the digest is md5's either way.
+try:
+    from _md5 import md5 as _md5
+except ImportError:  # pragma: no cover - a Python built without it
+    _md5 = hashlib.md5
+_first_8_bytes_signed = struct.Struct(">q").unpack_from
 # Paths that stage rows and merge them into account_newuser, and those that read only changed rows.
 MERGING = ("merge", "delta", "log", "changes")
 DELTAS = ("delta", "log", "changes")
@@ -75,6 +85,33 @@ STATE_LOAD_COPY = (
     "transform_settings) FROM STDIN"
 )
 TRANSFORM_CHANGED = "transform settings changed since the last pass: every row re-transformed"
+# The users' and state rows' COPY in binary (~3x less Python than text and ~30% less server, the
+# text formatting and parsing of timestamps above all), with the types psycopg dumps each value as:
+# the target's columns' own (a varchar or char(1) takes text's binary form, which is its own).
+USER_TYPES = ("int8", "text", "timestamptz", "bool", "text", "text", "text", "date", "text", "bool", "bool")
+STAMP_TYPES = ("timestamptz", "timestamptz")
+STATE_TYPES = ("int8", "bytea", "text", "int8", "int8")
+STATE_TAIL_TYPES = ("text", "int8")
+BINARY = " (FORMAT BINARY)"
+# Binary only when every legacy column comes as these types (pg_type oids), whose Python values the
+# binary dumpers take exactly as text COPY's input would: not, say, a naive last_login (a
+# timestamp column: text COPY reads it in the session's time zone, binary refuses it), an integer
+# flag or a numeric id. Anything else keeps text COPY, as before.
+_INTEGERS, _STRINGS = frozenset({20, 21, 23}), frozenset({25, 1042, 1043})
+BINARY_SAFE_TYPES = (
+    _INTEGERS,  # id
+    _STRINGS,  # password
+    frozenset({1184}),  # last_login: timestamptz
+    frozenset({16}),  # is_superuser
+    _STRINGS,  # email
+    _STRINGS,  # username
+    _STRINGS,  # full_name
+    frozenset({1082}),  # date_of_birth: date
+    _STRINGS,  # phone_number
+    frozenset({16}),  # is_active
+    frozenset({16}),  # is_staff
+    frozenset({17}),  # the row hash: bytea
+)
 
 
 @dataclass
@@ -121,28 +158,37 @@ class PartitionResult:
         self.rejected_by_reason[reason] = self.rejected_by_reason.get(reason, 0) + 1
 
 
-def fingerprint(user: NewUser) -> int:
-    """A 64-bit fingerprint of a target row; include/sql/cutover/row_fingerprint.sql computes the same in SQL."""
-    last_login = user.last_login
+def fingerprint(user: NewUser | tuple) -> int:
+    """A 64-bit fingerprint of a target row; include/sql/cutover/row_fingerprint.sql computes the same in SQL.
+
+    ``user`` is a NewUser or a plain tuple in its order (Transformer.fast_user's).
+    """
+    user_id, password, last_login, superuser, email, username, full_name, dob, phone, active, staff = user
+    if last_login is None:
+        login = ""
+    elif last_login.utcoffset() == _ZERO:
+        # Already UTC (the usual session time zone): the same wall clock as astimezone's, and
+        # isoformat's suffix is then "+00:00" exactly: the general case's text, about 2x cheaper.
+        login = last_login.isoformat(timespec="microseconds")[:-6]
+    else:
+        # isoformat, not strftime: twice as fast, and years before 1000 keep 4 digits as to_char's do
+        login = last_login.astimezone(_UTC).replace(tzinfo=None).isoformat(timespec="microseconds")
     text = "\x1f".join(
         (
-            str(user.id),
-            user.password,
-            # isoformat, not strftime: twice as fast, and years before 1000 keep 4 digits as to_char's do
-            last_login.astimezone(dt.UTC).replace(tzinfo=None).isoformat(timespec="microseconds")
-            if last_login
-            else "",
-            "1" if user.is_superuser else "0",
-            user.email,
-            user.username,
-            user.full_name,
-            user.date_of_birth.isoformat(),
-            user.phone_number,
-            "1" if user.is_active else "0",
-            "1" if user.is_staff else "0",
+            str(user_id),
+            password,
+            login,
+            "1" if superuser else "0",
+            email,
+            username,
+            full_name,
+            dob.isoformat(),
+            phone,
+            "1" if active else "0",
+            "1" if staff else "0",
         )
     )
-    return int.from_bytes(hashlib.md5(text.encode()).digest()[:8], "big", signed=True)
+    return _first_8_bytes_signed(_md5(text.encode()).digest())[0]
 
 
 def fingerprint_sql() -> sql.SQL:
@@ -261,14 +307,16 @@ class Claims:
         self.emails: dict[str, int] = {}
         self.usernames: dict[str, int] = {}
 
-    def claim(self, user: NewUser) -> tuple[str, int] | None:
+    def claim(self, user: NewUser | tuple) -> tuple[str, int] | None:
         """None when ``user`` may keep its keys; else (duplicate reason, id of the holder)."""
-        email = email_key(user.email)
+        # By position: ``user`` may be a NewUser or fast_user's plain tuple in its order.
+        user_id, username = user[0], user[5]
+        email = email_key(user[4])
         if email in self.emails:
             return DUPLICATE_EMAIL, self.emails[email]
-        if user.username in self.usernames:
-            return DUPLICATE_USERNAME, self.usernames[user.username]
-        self.emails[email] = self.usernames[user.username] = user.id
+        if username in self.usernames:
+            return DUPLICATE_USERNAME, self.usernames[username]
+        self.emails[email] = self.usernames[username] = user_id
         return None
 
 
@@ -276,7 +324,7 @@ class _Batch:
     """One batch's output, written with COPY in one go."""
 
     def __init__(self) -> None:
-        self.good: list[NewUser] = []
+        self.good: list[tuple] = []  # NewUser or Transformer.fast_user's plain tuple
         self.rejects: list[tuple[Any, ...]] = []
         self.fixes: list[tuple[Any, ...]] = []
         self.state: list[tuple[Any, ...]] = []
@@ -505,6 +553,7 @@ def _copy_batches(
     sizer = BatchSizer(settings, adaptive=job.own_snapshot)
     planned = None if rows.process is None else len(rows.process)
     job.throttle.progress(job.path, 0, planned, 0, force=True)
+    binary: bool | None = None  # decided on the first batch's column types
     with job.target.cursor() as out:
         batch_no = 0
         waited = job.throttle.gate(reader.release)  # a pause set before the start holds it too
@@ -517,6 +566,8 @@ def _copy_batches(
             if not fetched:
                 break
             batch_read(batch_no, fetched)
+            if binary is None:
+                binary = binary_copy_ok(reader.description)
             # The plan's losers of this batch only (rows come in id order): memory stays
             # bounded by the batch, however many duplicates the partition holds.
             losers = _losers(job.target, run_id, fetched[0][0], fetched[-1][0])
@@ -525,7 +576,7 @@ def _copy_batches(
             )
             if job.path in MERGING:
                 rejected_ids += batch.rejected_ids
-            _write_batch(out, batch, users_copy, stamps, job.path, state_tail)
+            _write_batch(out, batch, users_copy, stamps, job.path, state_tail, binary)
             seconds = time.perf_counter() - batch_started
             out.execute(
                 read_sql("copy/record_batch.sql"),
@@ -588,6 +639,17 @@ def _merge_and_link(job: _Job, rows: _Rows, rejected_ids: list[int]) -> None:
             )
 
 
+def binary_copy_ok(description: list[Any] | None) -> bool:
+    """Whether rows read with this cursor description may be written with binary COPY."""
+    return (
+        description is not None
+        and len(description) == len(BINARY_SAFE_TYPES)
+        and all(
+            column.type_code in types for column, types in zip(description, BINARY_SAFE_TYPES, strict=True)
+        )
+    )
+
+
 def _transform_changed(target: psycopg.Connection, lo: int, hi: int, transform_settings: int) -> bool:
     """Whether any state row of ids lo..hi was written under other transform settings than these."""
     return target.execute(
@@ -643,6 +705,7 @@ class _RangeReader:
         self.query = sql.SQL("{} WHERE {} BETWEEN %s AND %s ORDER BY {}").format(select, id_column, id_column)
         self.next_id, self.hi = bounds
         self.cursor: psycopg.ServerCursor | None = None
+        self.description: list[Any] | None = None
 
     def fetch(self, size: int) -> list[tuple]:
         if self.next_id > self.hi:
@@ -652,6 +715,7 @@ class _RangeReader:
             self.cursor = self.source.cursor(name=self.name)
             self.cursor.execute(self.query, (self.next_id, self.hi))
         rows = self.cursor.fetchmany(size)
+        self.description = self.cursor.description
         if rows:
             self.next_id = rows[-1][0] + 1
         else:
@@ -687,13 +751,16 @@ class _IdReader:
         self.source, self.snapshot, self.ids = source, snapshot, ids
         self.query = sql.SQL("{} WHERE {} = ANY(%s) ORDER BY {}").format(select, id_column, id_column)
         self.position = 0
+        self.description: list[Any] | None = None
 
     def fetch(self, size: int) -> list[tuple]:
         while self.position < len(self.ids):
             chunk = self.ids[self.position : self.position + size]
             self.position += size
             self.snapshot.ensure()
-            rows = self.source.execute(self.query, (chunk,)).fetchall()
+            cursor = self.source.execute(self.query, (chunk,))
+            rows = cursor.fetchall()
+            self.description = cursor.description
             if rows:
                 return rows
         return []
@@ -830,10 +897,25 @@ def _transform_batch(
     claims: Claims | None = None,
 ) -> _Batch:
     batch = _Batch()
+    good, state = batch.good, batch.state
+    fast_user = transformer.fast_user
+    no_fixes: list = []
+    fast = 0
     for values in rows:
-        row = LegacyRow(*values[:-1])
         row_hash = values[-1]
-        user, reject, row_fixes = transformer.transform(row)
+        # The usual row moves untouched but its phone: fast_user answers it as a plain tuple,
+        # without LegacyRow, NewUser or a list of fixes; transform() answers the rest.
+        user = fast_user(values)
+        if user is not None and claims is None and user[0] not in losers:
+            good.append(user)
+            state.append((user[0], row_hash, "M", fingerprint(user), None))
+            fast += 1
+            continue
+        row = LegacyRow(*values[:-1])
+        if user is not None:
+            reject, row_fixes = None, no_fixes
+        else:
+            user, reject, row_fixes = transformer.transform(row)
         kept_id = None
         if user is not None and claims is not None:
             lost = claims.claim(user)
@@ -860,6 +942,7 @@ def _transform_batch(
         for fix in row_fixes:
             batch.fixes.append((run_id, row.id, fix.field, fix.original_value, fix.new_value, fix.reason))
             result.fixed += 1
+    result.migrated += fast
     return batch
 
 
@@ -870,25 +953,40 @@ def _write_batch(
     stamps: tuple,
     path: str,
     state_tail: tuple[str, int],
+    binary: bool = False,
 ) -> None:
-    """COPY one batch out; ``state_tail`` is (run_id, transform settings) of a first load's state rows."""
+    """COPY one batch out; ``state_tail`` is (run_id, transform settings) of a first load's state rows.
+
+    With ``binary`` (binary_copy_ok) the users and the state go in binary COPY; the few rejects and
+    fixes (JSON, text) always in text.
+    """
     if users_copy is not None and batch.good:
-        with out.copy(users_copy) as copy:
+        statement = users_copy + sql.SQL(BINARY) if binary else users_copy
+        with out.copy(statement) as copy:
+            if binary:
+                copy.set_types(USER_TYPES + STAMP_TYPES if stamps else USER_TYPES)
+            write = copy.write_row
             for user in batch.good:
-                copy.write_row((*user, *stamps))
+                write((*user, *stamps))
     for statement, items in ((REJECTED_COPY, batch.rejects), (FIXES_COPY, batch.fixes)):
         if items:
             with out.copy(statement) as copy:
                 for item in items:
                     copy.write_row(item)
     if path == "load" and batch.state:
-        with out.copy(STATE_LOAD_COPY) as copy:
+        with out.copy(STATE_LOAD_COPY + BINARY if binary else STATE_LOAD_COPY) as copy:
+            if binary:
+                copy.set_types(STATE_TYPES + STATE_TAIL_TYPES)
+            write = copy.write_row
             for item in batch.state:
-                copy.write_row((*item, *state_tail))
+                write((*item, *state_tail))
     elif path != "dry_run" and batch.state:
-        with out.copy(STATE_COPY) as copy:
+        with out.copy(STATE_COPY + BINARY if binary else STATE_COPY) as copy:
+            if binary:
+                copy.set_types(STATE_TYPES)
+            write = copy.write_row
             for item in batch.state:
-                copy.write_row(item)
+                write(item)
 
 
 def _merge(

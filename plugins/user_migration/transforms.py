@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, NamedTuple
@@ -140,6 +141,9 @@ def clean_email(raw: str | None) -> str:
 _ATEXT = "A-Za-z0-9!#$%&'*+/=?^_`{|}~-"
 _PLAIN_LOCAL = re.compile(f"[{_ATEXT}]+(?:\\.[{_ATEXT}]+)*\\Z")
 _PLAIN_DOMAIN = re.compile(r"[A-Za-z0-9.-]+\Z")
+# Both at once, for Transformer.fast_user: a match means exactly one "@" (neither part may hold one),
+# so rpartition("@") would split it there, and no whitespace, so strip() would leave it as it is.
+_PLAIN_EMAIL = re.compile(f"([{_ATEXT}]+(?:\\.[{_ATEXT}]+)*)@([A-Za-z0-9.-]+)")
 
 
 @lru_cache(maxsize=65536)
@@ -236,9 +240,79 @@ class Transformer:
 
     def __init__(self, phone_region: str = "NP", invalid_phone: str = "fix", today: dt.date | None = None):
         self.phone_region = phone_region
-        phone_fast.for_region(phone_region)  # compile the region's patterns now, not on the first row
+        # the region's patterns compiled now, not on the first row
+        self._fast_phone = phone_fast.for_region(phone_region)
         self.reject_invalid_phone = invalid_phone == "reject"
         self.today = today or dt.datetime.now(dt.UTC).date()
+
+    def fast_user(self, values: Sequence[Any]) -> tuple | None:
+        """transform()'s target row, as a plain tuple, for a row that moves untouched but its phone; else None.
+
+        ``values`` starts with a legacy row's fields in LegacyRow's order (more may follow: the
+        copy's row hash). The copy's hot loop calls this first and transform() when it answers
+        None: for a reject, any field fix, an address or phone off the fast paths. So it decides
+        nothing transform() would not: each test below is one of transform()'s, or implies it, and
+        tests/test_transforms.py compares the two on generated rows.
+        """
+        username = values[5]
+        full_name = values[6]
+        email = values[4]
+        dob = values[7]
+        password = values[1]
+        if (
+            username is None
+            or full_name is None
+            or email is None
+            or dob is None
+            or password is None
+            or values[3] is None
+            or values[9] is None
+            or values[10] is None
+            or not username.strip()
+            # a name that is blank, or would be trimmed (a field fix), takes transform()
+            or not full_name
+            or full_name.strip() != full_name
+            or len(email) > 254
+        ):
+            return None
+        match = _PLAIN_EMAIL.fullmatch(email)
+        if match is None or match.end(1) > 64:
+            return None
+        domain = match[2]
+        # A domain with capitals is an email_normalized fix: transform()'s. The checks after the
+        # email's come in transform()'s order, so one that raises (a value of an odd type) would
+        # raise there too.
+        if (
+            domain != domain.lower()
+            or _domain_problem(domain) is not None
+            or dob > self.today
+            or dob < OLDEST_DATE_OF_BIRTH
+            or len(password) > MAX_LENGTH["password"]
+            or len(username) > MAX_LENGTH["username"]
+            or len(full_name) > MAX_LENGTH["full_name"]
+        ):
+            return None
+        phone = values[8]
+        if phone is None or not phone.strip():
+            e164 = ""
+        else:
+            answer = self._fast_phone(phone) if self._fast_phone is not None and type(phone) is str else None
+            if answer is None or answer[1] is not None:
+                return None
+            e164 = answer[0]
+        return (
+            values[0],
+            password,
+            values[2],
+            values[3],
+            email,
+            username,
+            full_name,
+            dob,
+            e164,
+            values[9],
+            values[10],
+        )
 
     def transform(self, row: LegacyRow) -> tuple[NewUser | None, Reject | None, list[FieldFix]]:
         """One legacy row to (target row, None, fixes) or (None, reject, [])."""
