@@ -289,6 +289,33 @@ def test_a_pass_after_nothing_changed_is_covered_by_the_last_backup(legacy, back
     assert covering("pass-5") is None
 
 
+def test_a_change_applied_by_a_run_that_started_earlier_makes_the_backup_stale(legacy, backup_dir):
+    """A backfill's runs start in one order and copy in another: pass-a started before pass-b but
+    applied a change after pass-b's backup. That backup no longer equals the legacy tables."""
+    from user_migration import audit
+    from user_migration.backup import backup_covering
+
+    def finished_pass(run_id: str) -> None:
+        run_stages(legacy, legacy, SETTINGS, run_id, backup_dir)
+        with psycopg.connect(legacy, autocommit=True) as conn:
+            audit.finish_run(conn, run_id, "success", {})
+
+    finished_pass("pass-1")
+    finished_pass("pass-b")  # nothing changed since pass-1: pass-b's backup is current
+    with psycopg.connect(legacy, autocommit=True) as conn:
+        assert backup_covering(conn, conn, SETTINGS, "pass-x") is not None
+        conn.execute("UPDATE account_user SET full_name = 'Changed Later' WHERE id = 2")
+    finished_pass("pass-a")  # consumed that change
+    with psycopg.connect(legacy, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE migration_audit.runs SET started_at = (SELECT started_at - interval '1 hour' "
+            "FROM migration_audit.runs WHERE run_id = 'pass-b') WHERE run_id = 'pass-a'"
+        )
+        # pass-a's own backup is now the older one: the newest backup is pass-b's, taken before
+        # the change pass-a applied, so nothing covers the next pass.
+        assert backup_covering(conn, conn, SETTINGS, "pass-c") is None
+
+
 def test_triggers_dropped_altogether_are_not_trusted_after_a_reinstall(legacy, backup_dir):
     """Every capture trigger dropped (a table reloaded outside the tool), a change made, then a pass
     whose plan reinstalls them but whose copy never finishes: the next pass must still compare every row."""

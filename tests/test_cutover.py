@@ -121,6 +121,10 @@ def test_an_application_transaction_across_legacy_tables_costs_at_most_an_attemp
     transaction commits, and the next attempt cuts over with its change carried."""
     validated_pass(legacy, "pass-1", backup_dir)
     app = psycopg.connect(legacy, application_name="application")
+    # The cutover, not the application, must be the one that detects the deadlock (as it is when it
+    # waited first), however long the loaded machine takes between the two waits.
+    app.execute("SET deadlock_timeout = '60s'")
+    app.commit()
     first = app.execute(statements[0], {"id": 1})  # user 1 has a group link
     user_id = first.fetchone()[0] if first.description else 1
     outcome: dict = {}

@@ -164,3 +164,29 @@ def test_a_lease_table_from_before_the_advisory_lock_gets_its_columns(target):
             "run-a",
             [],
         )
+
+
+def test_a_waiting_run_whose_dag_run_ended_loses_the_lease(target):
+    """The approval task failed, or a person marked the waiting run failed: nothing releases its
+    lease, so the next run asks Airflow for the holder's state and takes the lease over."""
+    states: dict[tuple[str, str], str] = {(DAG, "run-a"): "running"}
+
+    def run_state(dag_id: str, run_id: str) -> str:
+        if (dag_id, run_id) not in states:
+            raise LookupError("not a run of this deployment")
+        return states[(dag_id, run_id)]
+
+    with connect(target) as task, connect(target) as other:
+        first_task(task, "run-a")
+        lease.wait_for_answer(task, "run-a", 3600)
+        with pytest.raises(lease.LeaseBusy):  # still waiting for its answer
+            lease.acquire(other, "run-b", DAG, wait_seconds=0, stale_minutes=30, run_state=run_state)
+        del states[(DAG, "run-a")]  # unknown (another deployment's run): it keeps waiting
+        with pytest.raises(lease.LeaseBusy):
+            lease.acquire(other, "run-b", DAG, wait_seconds=0, stale_minutes=30, run_state=run_state)
+        states[(DAG, "run-a")] = "failed"
+        took = lease.acquire(other, "run-b", DAG, wait_seconds=0, stale_minutes=30, run_state=run_state)
+        assert took is not None and took.endswith(
+            "its DAG run is failed: it ended while it waited for the cutover's approval"
+        )
+        assert holder_of(target) == "run-b"

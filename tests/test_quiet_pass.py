@@ -151,3 +151,35 @@ def test_other_transform_settings_scan(legacy, backup_dir):
     run_stages(legacy, legacy, other, "pass-2", backup_dir)
     base, note = plan_of(legacy, "pass-2")[2:]
     assert base is None and "transform settings differ" in note
+
+
+def test_runs_that_start_in_one_order_and_plan_in_another_take_over_the_newest_plan(legacy, backup_dir):
+    """A backfill's runs (or a cleared older run) start in one order and take the lease in another:
+    pass-a started first but planned last, after user 1 gave up the email user 3 shared with it.
+    The quiet pass after both takes pass-a's decision (the newest plan), so user 3 stays migrated;
+    ordered by start time it took pass-b's, where 3 lost to 1, and dropped user 3 again."""
+    run_stages(legacy, legacy, SETTINGS, "pass-1", backup_dir)
+    run_stages(legacy, legacy, SETTINGS, "pass-b", backup_dir)
+    assert (3, "duplicate_email", 1) in losers(legacy, "pass-b")
+    write(legacy, "UPDATE account_user SET email = 'only-one@example.com' WHERE id = 1")
+    run_stages(legacy, legacy, SETTINGS, "pass-a", backup_dir)
+    write(
+        legacy,
+        "UPDATE migration_audit.runs SET started_at = (SELECT started_at - interval '1 hour' "
+        "FROM migration_audit.runs WHERE run_id = 'pass-b') WHERE run_id = 'pass-a'",
+    )
+    assert 3 in {row[0] for row in snapshot(legacy)["users"]}
+    run_stages(legacy, legacy, SETTINGS, "pass-c", backup_dir)
+    assert plan_of(legacy, "pass-c")[2] == "pass-a"
+    assert 3 in {row[0] for row in snapshot(legacy)["users"]}
+    same_as_a_full_pass(legacy, "pass-c", backup_dir)
+
+
+def test_a_pass_dated_before_the_base_plan_scans(legacy, backup_dir):
+    """With Celery each worker has its own clock: a plan dated before the last one (a clock behind,
+    near midnight) may judge a row born in the future differently, so it does not take it over."""
+    today = dt.date.today()
+    run_stages(legacy, legacy, SETTINGS, "pass-1", backup_dir, as_of=today)
+    run_stages(legacy, legacy, SETTINGS, "pass-2", backup_dir, as_of=today - dt.timedelta(days=1))
+    base, note = plan_of(legacy, "pass-2")[2:]
+    assert base is None and "a later date than this pass's" in note

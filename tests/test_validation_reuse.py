@@ -114,5 +114,40 @@ def test_a_disabled_trigger_or_full_reconcile_runs_the_suite(legacy, backup_dir)
     # The next pass puts it back, noting that writes may have gone unnoted meanwhile.
     run_stages(legacy, legacy, SETTINGS, "pass-4", backup_dir)
     result = suite("pass-4")
-    assert result.ran and "written since" in result.note
+    assert result.ran and "written since" in result.note, result.note
     assert (suite("pass-5").ran, suite.runs) == (False, 4)
+
+
+def test_a_cutover_and_its_rollback_run_the_suite_again_whatever_the_triggers(legacy, backup_dir):
+    """The cutover disables the write triggers: the application's writes to the new tables are not
+    noted. Someone re-enables them after the rollback; the suite must still run, not be taken over
+    from before the cutover."""
+    import datetime as dt
+
+    from user_migration.cutover import CutoverOptions, run_cutover
+    from user_migration.rollback import carry_back
+
+    suite = Suite(legacy)
+    run_stages(legacy, legacy, SETTINGS, "pass-1", backup_dir)
+    assert not failed(suite("pass-1"))
+    write(
+        legacy,
+        "INSERT INTO migration_audit.validation_results (run_id, expectation, success) VALUES ('pass-1', 'x', true)",
+    )
+    with psycopg.connect(legacy, autocommit=True) as conn:
+        run_cutover(conn, conn, SETTINGS, "pass-1", dt.date.today(), "test", CutoverOptions())
+    write(legacy, "UPDATE account_newuser SET full_name = 'Written After The Cutover' WHERE id = 1")
+    with psycopg.connect(legacy, autocommit=True) as conn:
+        carry_back(conn, conn, SETTINGS, "test", "rollback-1")
+    write(legacy, "ALTER TABLE account_newuser ENABLE TRIGGER ALL")
+    write(legacy, "ALTER TABLE account_profile ENABLE TRIGGER ALL")
+    write(legacy, "ALTER TABLE account_newuser_groups ENABLE TRIGGER ALL")
+    write(legacy, "ALTER TABLE account_newuser_user_permissions ENABLE TRIGGER ALL")
+    result = suite("pass-2")
+    assert result.ran and "written since" in result.note, result.note
+    # Noted by the cutover and the rollback themselves, not left to the triggers' state.
+    with psycopg.connect(legacy) as conn:
+        notes = conn.execute(
+            "SELECT op FROM migration_audit.target_writes WHERE op IN ('CUTOVER', 'ROLLBACK') ORDER BY seq"
+        ).fetchall()
+    assert notes == [("CUTOVER",), ("ROLLBACK",)]

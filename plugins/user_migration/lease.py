@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -64,6 +64,7 @@ class Holder:
     past_grace: bool
     stale: bool
     waiting_until: datetime | None = None
+    waiting: bool = False
 
     def dead(self) -> str | None:
         """Why this holder is presumed dead (so its lease may be taken over), or None while it may live."""
@@ -123,11 +124,14 @@ def acquire(
     wait_seconds: float,
     stale_minutes: float,
     grace_seconds: float = DEFAULT_GRACE_SECONDS,
+    run_state: Callable[[str, str], str | None] | None = None,
 ) -> str | None:
     """Take the lease for ``run_id`` (a no-op if it holds it already); raises when the wait runs out.
 
     Returns a sentence naming the run whose lease was taken over and why it was presumed dead, or None.
     The calling session then counts as a task of ``run_id``: call it inside ``active``.
+    ``run_state(dag_id, run_id)`` tells a DAG run's state (None: unknown, e.g. another deployment's):
+    a holder waiting for an approval whose run has ended (failed, marked failed) is dead.
     """
     deadline = time.monotonic() + wait_seconds
     conn.execute("INSERT INTO migration_audit.writer_lease (target) VALUES ('target') ON CONFLICT DO NOTHING")
@@ -139,6 +143,8 @@ def acquire(
                 conn.execute("SELECT FROM migration_audit.writer_lease WHERE target = 'target' FOR UPDATE")
                 holder = _holder(conn, grace_seconds, stale_minutes)
                 dead = None if holder.run_id in (None, run_id) else holder.dead()
+                if dead is None and holder.run_id not in (None, run_id) and holder.waiting:
+                    dead = _ended_while_waiting(holder, run_state)
                 if holder.run_id in (None, run_id) or dead:
                     conn.execute(
                         "UPDATE migration_audit.writer_lease SET run_id = %(run)s, dag_id = %(dag)s, "
@@ -165,6 +171,19 @@ def acquire(
         time.sleep(min(1.0, max(deadline - time.monotonic(), 0)))
 
 
+def _ended_while_waiting(holder: Holder, run_state: Callable[[str, str], str | None] | None) -> str | None:
+    """Why a holder waiting for an answer is dead after all: its DAG run has ended; else None."""
+    if run_state is None or holder.live_pids or holder.dag_id is None:
+        return None
+    try:
+        state = run_state(holder.dag_id, holder.run_id)
+    except Exception:  # another deployment's run, or the API unreachable: keep waiting
+        return None
+    if state in ("success", "failed"):
+        return f"its DAG run is {state}: it ended while it waited for the cutover's approval"
+    return None
+
+
 def _busy_message(holder: Holder, wait_seconds: float, stale_minutes: float, grace_seconds: float) -> str:
     """Who holds the lease, whether it is alive, and what to do about it."""
     if holder.run_id is None:
@@ -187,7 +206,8 @@ def _busy_message(holder: Holder, wait_seconds: float, stale_minutes: float, gra
     if holder.waiting_until is not None and holder.waiting_until > holder.renewed_at:
         return text + (
             f"It waits for a person's answer (the cutover's approval) until {holder.waiting_until:%Y-%m-%d %H:%M:%S %Z} "
-            "and keeps its lease until then. Answer it (Required actions in the UI), or mark that run failed"
+            "and keeps its lease until then. Answer it (Required actions in the UI), or mark that run failed "
+            "(the lease is then taken over)"
         )
     if holder.lock_aware:
         return text + (

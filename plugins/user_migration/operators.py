@@ -253,6 +253,7 @@ class LegacyBackupOperator(_MigrationOperator):
                 wait,
                 settings.lease_stale_minutes,
                 settings.lease_grace_seconds,
+                run_state=_dag_run_state,
             )
         except lease.LeaseBusy as busy:
             if dag_run.run_type != "backfill":
@@ -272,6 +273,13 @@ class LegacyBackupOperator(_MigrationOperator):
             raise WaitingForLease(now + dt.timedelta(seconds=delay), reason) from None
         if took_over:
             self.log.warning("%s", took_over)
+
+
+def _dag_run_state(dag_id: str, run_id: str) -> str | None:
+    """A DAG run's state, from Airflow's API server (through the task's supervisor)."""
+    from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+    return RuntimeTaskInstance.get_dagrun_state(dag_id, run_id)
 
 
 class TargetSchemaOperator(_MigrationOperator):
@@ -523,12 +531,19 @@ class CutoverOperator(_MigrationOperator):
 
     def run(self, context, settings, target):
         from user_migration.cutover import CutoverOptions, run_cutover
+        from user_migration.report import check_backup_visible
 
         if not settings.cutover:
             raise AirflowSkipException(
                 "cutover not requested (Param cutover=false): the legacy tables stay in use"
             )
         dag_run = context["dag_run"]
+        # The backup a restore would return to must be on the shared folder before the switch, not
+        # found missing by the report after it (Celery: another worker wrote it).
+        backup = target.execute(
+            "SELECT backup_path FROM migration_audit.runs WHERE run_id = %s", (context["run_id"],)
+        ).fetchone()
+        check_backup_visible(backup[0] if backup else None)
         as_of = pass_date()
         cut_by = dag_run.triggering_user_name or f"{dag_run.run_type} run"
         options = CutoverOptions(

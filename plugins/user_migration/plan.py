@@ -193,6 +193,13 @@ def log_entries(source: psycopg.Connection, mapping: LegacyMapping) -> int:
     ).fetchone()[0]
 
 
+def _log_markers(source: psycopg.Connection, mapping: LegacyMapping) -> int:
+    """TRUNCATE markers in the change log, in the caller's snapshot."""
+    return source.execute(
+        sql.SQL("SELECT count(*) FROM {} WHERE source_id IS NULL").format(capture.log_table(mapping))
+    ).fetchone()[0]
+
+
 def reusable_decision(
     target: psycopg.Connection, run_id: str, transform_settings: int, as_of: dt.date
 ) -> Reuse:
@@ -237,6 +244,8 @@ def reusable_decision(
         why_not = f"the transform settings differ from run {base}'s"
     elif stored != duplicates:
         why_not = f"run {base} holds {stored} of its {duplicates} duplicate decisions"
+    elif base_as_of > as_of.isoformat():  # a worker's clock behind the base plan's (Celery)
+        why_not = f"run {base} was planned on {base_as_of}, a later date than this pass's {as_of}"
     elif base_as_of != as_of.isoformat() and (done != planned or future):
         why_not = f"run {base} was planned on {base_as_of}: " + (
             f"{future} rows rejected as born in the future may be valid now"
@@ -294,8 +303,11 @@ def make_plan(
             if not own_snapshot:
                 reuse = Reuse(None, "full scan: planned inside the caller's transaction")
             elif mode.changes == "log":
+                markers = _log_markers(source, mapping)
                 if logged:
                     reuse = Reuse(None, f"full scan: the change log holds {logged} entries")
+                elif markers:  # a TRUNCATE after capture.prepare's look: the table may be anything
+                    reuse = Reuse(None, f"full scan: the change log holds {markers} TRUNCATE markers")
                 else:
                     reuse = reusable_decision(target, run_id, transform_settings, as_of)
             if count and reuse.base is None:

@@ -27,7 +27,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from user_migration import audit, privileges
+from user_migration import audit, privileges, validation_reuse
 from user_migration.backup import verify_backup
 from user_migration.config import FIELDS, LinkTable, Settings
 from user_migration.cutover import active_cutover, set_legacy_read_only
@@ -124,6 +124,7 @@ def carry_back(
                 "rolled_back_by = %s WHERE id = %s",
                 (by, cut["id"]),
             )
+            validation_reuse.note_write(target, "ROLLBACK")
     except psycopg.errors.InsufficientPrivilege as exc:
         if legacy_committed:
             raise
@@ -569,6 +570,7 @@ def restore(
                 "rolled_back_by = %s WHERE id = %s",
                 (f"restore from {folder.name}", cut["id"]),
             )
+            validation_reuse.note_write(target, "ROLLBACK")
     return {"backup": str(folder), "restored": loaded, "changes": changes}
 
 

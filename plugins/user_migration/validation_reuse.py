@@ -65,6 +65,12 @@ def install_write_triggers(target: psycopg.Connection) -> bool:
     return True
 
 
+def note_write(target: psycopg.Connection, op: str) -> None:
+    """Note a write the triggers may not see (the application's, between a cutover and a rollback):
+    no suite is taken over across it, whatever state the triggers are left in."""
+    target.execute("INSERT INTO migration_audit.target_writes (table_name, op) VALUES ('*', %s)", (op,))
+
+
 def disable_write_triggers(target: psycopg.Connection) -> None:
     """After the cutover the application writes the new tables: nothing is validated any more, and its
     writes should not pay for a note each. In the caller's transaction (SHARE ROW EXCLUSIVE locks),
@@ -84,6 +90,7 @@ def disable_write_triggers(target: psycopg.Connection) -> None:
                         sql.Identifier(table), sql.Identifier(name)
                     )
                 )
+    note_write(target, "CUTOVER")
 
 
 def suite_fingerprint(expected_users: int) -> str:

@@ -13,11 +13,19 @@ WITH last_backup AS (
 )
 SELECT b.run_id, b.backup_path
 FROM last_backup AS b
+-- By when partitions finished and plans were made, not by when runs started: a backfill's runs
+-- start in one order and take the writer lease (and copy) in another.
 WHERE NOT EXISTS (
     SELECT 1
-    FROM migration_audit.runs AS r
-    JOIN migration_audit.partitions AS p ON p.run_id = r.run_id
-    WHERE r.started_at >= b.started_at AND r.run_id <> %(run_id)s
+    FROM migration_audit.partitions AS p
+    WHERE p.run_id NOT IN (b.run_id, %(run_id)s)
+      AND coalesce(p.finished_at, 'infinity') >= b.started_at
+      AND (p.consumed IS NULL OR p.consumed > 0 OR p.inserted > 0 OR p.updated > 0 OR p.removed > 0)
+)
+AND NOT EXISTS (
+    SELECT 1
+    FROM migration_audit.partitions AS p
+    WHERE p.run_id = b.run_id
       AND (p.consumed IS NULL OR p.consumed > 0 OR p.inserted > 0 OR p.updated > 0 OR p.removed > 0)
 )
 AND NOT EXISTS (
@@ -26,8 +34,8 @@ AND NOT EXISTS (
 )
 AND NOT EXISTS (
     SELECT 1
-    FROM migration_audit.runs AS r
-    LEFT JOIN migration_audit.plans AS pl ON pl.run_id = r.run_id
-    WHERE r.started_at >= b.started_at AND r.run_id <> %(run_id)s AND r.state = 'success'
+    FROM migration_audit.plans AS pl
+    JOIN migration_audit.runs AS r ON r.run_id = pl.run_id
+    WHERE pl.planned_at >= b.started_at AND r.run_id <> %(run_id)s AND NOT r.dry_run
       AND pl.changes IS DISTINCT FROM 'log'
 )

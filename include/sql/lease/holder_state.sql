@@ -7,7 +7,7 @@
 --   this database holding the advisory lock: the holder's tasks executing now); lock_aware (the
 --   holder takes the advisory lock while its tasks run); in_task (a task of the holder was executing
 --   when last seen); past_grace, stale (renewed_at older than grace / stale, and not waiting for an
---   answer: waiting_until unset or past); waiting_until.
+--   answer: waiting_until unset or past); waiting_until; waiting (waiting_until not yet past).
 WITH lock_holders AS (
     SELECT array_agg(l.pid ORDER BY l.pid) AS pids
     FROM pg_locks AS l
@@ -23,7 +23,8 @@ SELECT w.run_id, w.dag_id, w.hostname, w.acquired_at, w.renewed_at,
            AND (w.waiting_until IS NULL OR w.waiting_until < now()) AS past_grace,
        w.renewed_at < now() - make_interval(secs => %(stale)s)
            AND (w.waiting_until IS NULL OR w.waiting_until < now()) AS stale,
-       w.waiting_until
+       w.waiting_until,
+       coalesce(w.waiting_until > now(), false) AS waiting
 FROM migration_audit.writer_lease AS w
 CROSS JOIN lock_holders AS h
 WHERE w.target = 'target'

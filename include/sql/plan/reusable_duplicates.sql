@@ -4,24 +4,29 @@
 -- trusted and is empty now (checked by the caller), the base run's partitions consumed exactly the
 -- entries its plan's snapshot saw (they consume a superset of them, so an equal count means none
 -- committed after that snapshot), and no run since consumed any.
--- The base is the newest plan of another run that is not a dry run. Returns one row or none:
+-- The base is the newest plan (by when it was made) of another run that is not a dry run. Runs
+-- are ordered by their plans and partitions, never by runs.started_at: a backfill's runs, or a
+-- cleared older run, start in one order and take the writer lease in another.
+-- consumed_since counts the entries consumed by partitions of other runs that finished after the
+-- base plan was made (or have not finished): changes applied under a decision that never saw them.
+-- Returns one row or none:
 -- (run_id, duplicates, log_entries, consumed, consumed_since, transform_settings, as_of,
 --  decisions stored, partitions planned, partitions done, rejects "in the future" of the base run).
 WITH base AS (
-    SELECT p.run_id, p.duplicates, p.log_entries, p.transform_settings, r.started_at,
+    SELECT p.run_id, p.duplicates, p.log_entries, p.transform_settings, p.planned_at,
            p.partitions -> 0 ->> 'as_of' AS as_of, jsonb_array_length(p.partitions) AS planned
     FROM migration_audit.plans AS p
     JOIN migration_audit.runs AS r ON r.run_id = p.run_id
     WHERE p.run_id <> %(run_id)s AND NOT r.dry_run
-    ORDER BY r.started_at DESC, p.planned_at DESC
+    ORDER BY p.planned_at DESC
     LIMIT 1
 )
 SELECT b.run_id, b.duplicates, b.log_entries,
        (SELECT coalesce(sum(d.consumed), 0) FROM migration_audit.partitions AS d WHERE d.run_id = b.run_id),
        (SELECT coalesce(sum(d.consumed), 0)
         FROM migration_audit.partitions AS d
-        JOIN migration_audit.runs AS r ON r.run_id = d.run_id
-        WHERE r.started_at > b.started_at AND d.run_id NOT IN (b.run_id, %(run_id)s)),
+        WHERE d.run_id NOT IN (b.run_id, %(run_id)s)
+          AND coalesce(d.finished_at, 'infinity') >= b.planned_at),
        b.transform_settings, b.as_of,
        (SELECT count(*) FROM migration_audit.plan_duplicates AS x WHERE x.run_id = b.run_id),
        b.planned,
