@@ -17,6 +17,7 @@ then compares every row again.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import psycopg
@@ -29,6 +30,9 @@ from user_migration.db import read_sql
 LOG_TABLE = "user_migration_changes"
 FUNCTION_PREFIX = "user_migration_capture"
 TRIGGERS_PER_TABLE = 4
+# A deadlock with an application transaction that writes the tables in another order than the
+# install takes them costs an attempt (PostgreSQL aborts the install, the application goes on).
+INSTALL_ATTEMPTS = 3
 USERS = 0  # the users table's number in the log; its link tables follow
 
 
@@ -92,8 +96,21 @@ def install(legacy: psycopg.Connection, mapping: LegacyMapping, lock_timeout_ms:
     """Create the log and (re)create every capture trigger, in one transaction; idempotent.
 
     CREATE TRIGGER waits for the application's open writes on the table and holds new ones for a
-    moment: ``lock_timeout`` bounds that wait, and a timeout leaves nothing half-installed.
+    moment: ``lock_timeout`` bounds that wait, and a timeout leaves nothing half-installed. The link
+    tables come first, the users table last, as the cutover locks them (Django deletes a user's
+    links, then the user); a deadlock with a transaction in the other order is retried.
     """
+    for attempt in range(1, INSTALL_ATTEMPTS + 1):
+        try:
+            _install(legacy, mapping, lock_timeout_ms)
+            return
+        except psycopg.errors.DeadlockDetected:
+            if attempt == INSTALL_ATTEMPTS:
+                raise
+            time.sleep(0.2 * attempt)
+
+
+def _install(legacy: psycopg.Connection, mapping: LegacyMapping, lock_timeout_ms: int) -> None:
     log = log_table(mapping)
     with legacy.transaction():
         legacy.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{lock_timeout_ms}ms")))
@@ -102,7 +119,8 @@ def install(legacy: psycopg.Connection, mapping: LegacyMapping, lock_timeout_ms:
                 log=log, log_index=sql.Identifier(f"{LOG_TABLE}_source_id_idx")
             )
         )
-        for table in captured_tables(mapping):
+        tables = captured_tables(mapping)
+        for table in tables[1:] + tables[:1]:
             legacy.execute(
                 sql.SQL(read_sql("capture/install_triggers.sql")).format(
                     function=table.function(mapping.schema),
