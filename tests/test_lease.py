@@ -190,3 +190,36 @@ def test_a_waiting_run_whose_dag_run_ended_loses_the_lease(target):
             "its DAG run is failed: it ended while it waited for the cutover's approval"
         )
         assert holder_of(target) == "run-b"
+
+
+def test_writer_lease_keeps_two_runs_apart(target):
+    with (
+        psycopg.connect(target, autocommit=True) as first,
+        psycopg.connect(target, autocommit=True) as second,
+    ):
+        from user_migration.db import ensure_audit_schema
+
+        ensure_audit_schema(first)
+        lease.acquire(first, "run-a", "user_migration", wait_seconds=1, stale_minutes=30)
+        lease.acquire(first, "run-a", "user_migration", wait_seconds=1, stale_minutes=30)  # re-entrant
+        started = time.monotonic()
+        with pytest.raises(MigrationError, match="being written by run 'run-a' of DAG 'user_migration'"):
+            lease.acquire(second, "run-b", "user_migration", wait_seconds=1.5, stale_minutes=30)
+        assert 1.4 < time.monotonic() - started < 5
+        with pytest.raises(MigrationError, match="does not hold the writer lease"), second.transaction():
+            lease.hold(second, "run-b")
+        lease.release(first, "run-a")
+        lease.acquire(second, "run-b", "user_migration", wait_seconds=1, stale_minutes=30)
+        # A live holder (its session holds the lease's advisory lock) is not taken over, however long ago
+        # it renewed; see tests/test_lease.py.
+        second.execute("UPDATE migration_audit.writer_lease SET renewed_at = now() - interval '2 hours'")
+        with pytest.raises(lease.LeaseBusy, match="Its tasks are running now"):
+            lease.acquire(first, "run-c", "user_migration", wait_seconds=0, stale_minutes=30)
+        # A holder running older code (it takes no advisory lock) is taken over once stale.
+        lease.release(second, "run-b")
+        second.execute(
+            "UPDATE migration_audit.writer_lease SET run_id = 'run-old', lock_run_id = NULL, "
+            "renewed_at = now() - interval '2 hours'"
+        )
+        lease.acquire(first, "run-c", "user_migration", wait_seconds=1, stale_minutes=30)
+        assert first.execute("SELECT run_id FROM migration_audit.writer_lease").fetchone()[0] == "run-c"
