@@ -81,3 +81,29 @@ def test_a_dry_run_has_nothing_to_count(migrated):
     with psycopg.connect(dsn) as conn:
         outcome = every_source_row_accounted(conn, "run-1", dry_run=True)
     assert outcome["success"] and outcome["observed"] == {"dry_run": True}
+
+
+def test_the_validate_stage_runs_every_check_and_names_the_failed_one(migrated):
+    """checks.run_checks, as the validate task runs it: the accounting, partitions, reject ratio,
+    drift and the GX suite all pass after the pass; a reject limit below the fixture's share fails
+    that check, and a stray target row the accounting and the drift check, by name."""
+    from user_migration.checks import run_checks
+
+    dsn, _ = migrated
+    url = dsn.replace("postgresql://", "postgresql+psycopg://", 1)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        lenient = Settings(max_reject_ratio=0.5)  # the fixture is dirty on purpose: 12 of 29 rejected
+        passed = run_checks(conn, "run-1", lenient, url)
+        names = [o["name"] for o in passed.outcomes]
+        assert names[:4] == [
+            "every_source_row_accounted",
+            "all_partitions_done",
+            "reject_ratio_within_limit",
+            "no_sync_drift",
+        ]
+        assert len(names) > 4 and passed.failed == [] and passed.suite_note
+        strict = run_checks(conn, "run-1", Settings(max_reject_ratio=0.1), url)
+        assert [o["name"] for o in strict.failed] == ["reject_ratio_within_limit"]
+        conn.execute(NEW_USER, (9001, "stray@example.com", "stray"))
+        broken = {o["name"] for o in run_checks(conn, "run-1", lenient, url).failed}
+        assert {"every_source_row_accounted", "no_sync_drift"} <= broken

@@ -404,56 +404,20 @@ class GreatExpectationsValidationOperator(_MigrationOperator):
 
     def run(self, context, settings, target):
         from user_migration import audit
+        from user_migration.checks import run_checks
 
         run_id = context["run_id"]
-        numbers = audit.reconcile(target, run_id)
-        outcomes: list[dict[str, Any]] = []
-
-        def check(name: str, success: bool, observed: Any, message: str) -> None:
-            outcomes.append(
-                {"name": name, "success": success, "observed": observed, "details": {"message": message}}
-            )
-
-        outcomes.append(audit.every_source_row_accounted(target, run_id, dry_run=settings.dry_run))
-        check(
-            "all_partitions_done",
-            numbers["partitions_done"] == numbers["partitions"],
-            {"done": numbers["partitions_done"], "planned": numbers["partitions"]},
-            f"{numbers['partitions_done']} of {numbers['partitions']} partitions done",
-        )
-        ratio = numbers["rejected"] / numbers["source_rows"] if numbers["source_rows"] else 0.0
-        check(
-            "reject_ratio_within_limit",
-            ratio <= settings.max_reject_ratio,
-            {"ratio": round(ratio, 6), "limit": settings.max_reject_ratio},
-            f"{numbers['rejected']} of {numbers['source_rows']} rows rejected ({ratio:.2%}), the limit is "
-            f"{settings.max_reject_ratio:.2%} (Param max_reject_ratio)",
-        )
-        if not settings.dry_run:
-            from user_migration.validation_reuse import run_suite
-
-            drift = audit.sync_drift(target)
-            check("no_sync_drift", not any(drift.values()), drift, audit.drift_message(drift))
-
-            suite = run_suite(
-                target,
-                self._target_hook.sqlalchemy_url(),
-                run_id,
-                numbers["migrated"],
-                force=settings.full_reconcile,
-            )
-            for outcome in suite.outcomes:
-                check(outcome.name, outcome.success, outcome.observed, outcome.failure_message())
-                outcomes[-1]["details"]["suite"] = suite.note
-            self.log.info("Great Expectations: %s (%.1f s)", suite.note, suite.seconds)
+        checked = run_checks(target, run_id, settings, self._target_hook.sqlalchemy_url())
+        if checked.suite_note is not None:
+            self.log.info("Great Expectations: %s (%.1f s)", checked.suite_note, checked.suite_seconds)
+        outcomes = checked.outcomes
         audit.store_validation(target, run_id, outcomes)
-        failed = [o for o in outcomes if not o["success"]]
         for o in outcomes:
             self.log.info("check %s: %s", o["name"], "passed" if o["success"] else "FAILED")
-        if failed:
+        if checked.failed:
             raise ValidationFailed(
-                f"{len(failed)} of {len(outcomes)} checks failed: "
-                + "; ".join(o["details"]["message"] for o in failed)
+                f"{len(checked.failed)} of {len(outcomes)} checks failed: "
+                + "; ".join(o["details"]["message"] for o in checked.failed)
             )
         return {"checks": len(outcomes), "passed": len(outcomes)}
 
