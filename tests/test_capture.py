@@ -394,45 +394,26 @@ def test_installing_capture_beside_a_sign_up_transaction_retries_its_deadlock(le
     the install takes the link tables first and waits for the users table, then the sign-up writes
     a link: a deadlock. PostgreSQL aborts the install (it waited first); the sign-up commits, and
     the install's next attempt puts every trigger in place."""
-    import threading
+    from support.locks import SIGNUP, in_background, wait_until_queued
 
     from user_migration import capture
 
     app = psycopg.connect(legacy, application_name="application")
     app.execute("SET deadlock_timeout = '60s'")  # the install is the side that detects it
     app.commit()
-    new_id = app.execute(
-        "INSERT INTO account_user (password, is_superuser, email, username, full_name, date_of_birth, "
-        "phone_number, is_active, is_staff) VALUES ('pbkdf2_sha256$1$s$h=', false, 'signup@example.com', "
-        "'signup', 'Sign Up', '1990-01-01', '9841234567', true, false) RETURNING id"
-    ).fetchone()[0]
-    outcome: dict = {}
+    new_id = app.execute(SIGNUP[0]).fetchone()[0]
 
-    def install() -> None:
-        try:
-            with psycopg.connect(legacy, autocommit=True) as conn:
-                capture.install(conn, SETTINGS.mapping)
-                outcome["installed"] = capture.status(conn, SETTINGS.mapping).installed
-        except Exception as exc:  # reported by the assertion below
-            outcome["error"] = exc
+    def install() -> bool:
+        with psycopg.connect(legacy, autocommit=True) as conn:
+            capture.install(conn, SETTINGS.mapping)
+            return capture.status(conn, SETTINGS.mapping).installed
 
-    thread = threading.Thread(target=install)
-    thread.start()
+    thread, outcome = in_background(install)
     try:
-        with psycopg.connect(legacy, autocommit=True) as watcher:
-            deadline = time.monotonic() + 60
-            while not watcher.execute(
-                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE NOT granted "
-                "AND relation = 'account_user'::regclass AND mode = 'ShareRowExclusiveLock')"
-            ).fetchone()[0]:
-                assert time.monotonic() < deadline and thread.is_alive(), outcome
-                time.sleep(0.02)
-        app.execute(
-            "INSERT INTO account_user_groups (user_id, group_id) SELECT %s, min(id) FROM auth_group",
-            (new_id,),
-        )
+        wait_until_queued(legacy, "account_user", "ShareRowExclusiveLock", thread, outcome)
+        app.execute(SIGNUP[1], {"id": new_id})
         app.commit()
     finally:
         app.close()
         thread.join(120)
-    assert outcome == {"installed": True}
+    assert outcome == {"result": True}

@@ -9,6 +9,7 @@ import time
 import psycopg
 import pytest
 from support import fixture_users as fx
+from support.locks import DELETE, SIGNUP, in_background, wait_until_queued
 from support.pipeline import run_stages
 from support.sync import SETTINGS, cutover, expected_target, migrated, start_writer, validated_pass
 
@@ -88,19 +89,6 @@ def test_cutover_gives_up_within_its_timeout_when_a_long_transaction_holds_the_t
         conn.execute("UPDATE account_user SET full_name = 'Writable' WHERE id = 1")
 
 
-SIGNUP = (
-    "INSERT INTO account_user (password, is_superuser, email, username, full_name, date_of_birth, phone_number, "
-    "is_active, is_staff) VALUES ('pbkdf2_sha256$1$s$h=', false, 'deadlock@example.com', 'deadlock', "
-    "'Dead Lock', '1990-01-01', '9841234567', true, false) RETURNING id",
-    "INSERT INTO account_user_groups (user_id, group_id) SELECT %(id)s, min(id) FROM auth_group",
-)
-# Django's delete: the user's links, then the user, in one transaction.
-DELETE = (
-    "DELETE FROM account_user_groups WHERE user_id = %(id)s",
-    "DELETE FROM account_user WHERE id = %(id)s",
-)
-
-
 @pytest.mark.parametrize(
     "statements, waits_on, attempts",
     [(SIGNUP, "account_user", 2), (DELETE, "account_user_groups", 1)],
@@ -122,26 +110,9 @@ def test_an_application_transaction_across_legacy_tables_costs_at_most_an_attemp
     app.commit()
     first = app.execute(statements[0], {"id": 1})  # user 1 has a group link
     user_id = first.fetchone()[0] if first.description else 1
-    outcome: dict = {}
-
-    def cut() -> None:
-        try:
-            outcome["result"] = cutover(legacy, "pass-1", backoff_seconds=0.1)
-        except Exception as exc:  # reported by the assertions below
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=cut)
-    thread.start()
+    thread, outcome = in_background(lambda: cutover(legacy, "pass-1", backoff_seconds=0.1))
     try:
-        with psycopg.connect(legacy, autocommit=True) as watcher:
-            deadline = time.monotonic() + 60
-            while not watcher.execute(
-                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE NOT granted AND relation = %s::regclass "
-                "AND mode = 'ExclusiveLock')",
-                (waits_on,),
-            ).fetchone()[0]:
-                assert time.monotonic() < deadline and thread.is_alive(), outcome
-                time.sleep(0.02)
+        wait_until_queued(legacy, waits_on, "ExclusiveLock", thread, outcome)
         app.execute(statements[1], {"id": user_id})
         app.commit()
     finally:

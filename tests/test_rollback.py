@@ -10,22 +10,18 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psycopg
 import pytest
 from support import fixture_users as fx
-from support.pipeline import run_stages
-from support.sync import cutover, validated_pass
+from support.sync import cut_over_two_databases, cutover, start_writer, validated_pass
 
 from user_migration import rollback
 from user_migration.backup import run_backup
 from user_migration.config import Settings, load_mapping
-from user_migration.cutover import CutoverOptions, active_cutover, run_cutover
+from user_migration.cutover import active_cutover
 from user_migration.errors import MigrationError
 from user_migration.rollback import carry_back, restore
 
@@ -164,18 +160,6 @@ def test_restore_through_a_mapping_with_odd_table_names(legacy, backup_dir):
 # --- carry_back while the application still writes to the new tables ---------------------------------
 
 
-def start_newuser_writer(dsn: str, tmp_path: Path, seed: int = 1):
-    stop, out = tmp_path / f"stop-{seed}", tmp_path / f"newuser-writer-{seed}.json"
-    proc = subprocess.Popen([sys.executable, str(NEWUSER_WRITER), dsn, str(stop), str(out), str(seed)])
-
-    def finish() -> dict:
-        stop.touch()
-        proc.wait(timeout=60)
-        return json.loads(out.read_text())
-
-    return finish
-
-
 def test_carry_back_loses_no_write_the_application_makes_to_the_new_tables(
     legacy, backup_dir, tmp_path, monkeypatch
 ):
@@ -195,7 +179,7 @@ def test_carry_back_loses_no_write_the_application_makes_to_the_new_tables(
         return counts
 
     monkeypatch.setattr(rollback._Carrier, "links", slow_links)
-    finish = start_newuser_writer(legacy, tmp_path)
+    finish = start_writer(legacy, tmp_path, script=NEWUSER_WRITER)
     time.sleep(0.6)
     with psycopg.connect(legacy, autocommit=True) as conn:
         carry_back(conn, conn, SETTINGS, "test", "rollback-1")
@@ -249,20 +233,7 @@ def test_carry_back_gives_up_within_its_timeout_when_the_new_tables_are_busy(leg
 
 def two_database_cutover(make_db, backup_dir: Path) -> tuple[str, str]:
     """Legacy and target on separate databases, cut over, then the application's changes in the target."""
-    legacy_db, target_db = make_db("src"), make_db("dst")
-    fx.load(legacy_db)
-    result = run_stages(legacy_db, target_db, SETTINGS, "sep-1", backup_dir)
-    with psycopg.connect(target_db) as conn:
-        conn.execute(
-            "INSERT INTO migration_audit.validation_results (run_id, expectation, success) "
-            "VALUES ('sep-1', 'every_source_row_accounted', %s)",
-            (result["migrated"] + result["rejected"] == result["source_rows"],),
-        )
-    with (
-        psycopg.connect(legacy_db, autocommit=True) as src,
-        psycopg.connect(target_db, autocommit=True) as dst,
-    ):
-        run_cutover(src, dst, SETTINGS, "sep-1", dt.date.today(), "test", CutoverOptions())
+    legacy_db, target_db = cut_over_two_databases(make_db, backup_dir)
     with psycopg.connect(target_db) as conn:
         conn.execute(
             "INSERT INTO account_newuser (id, password, last_login, is_superuser, email, username, full_name, "

@@ -13,11 +13,11 @@ import psycopg
 import pytest
 from support import fixture_users as fx
 from support.pipeline import run_stages
-from support.sync import SETTINGS, cutover, expected_target, migrated, validated_pass
+from support.sync import SETTINGS, cut_over_two_databases, cutover, expected_target, migrated, validated_pass
 
 from user_migration import rollback
 from user_migration.backup import run_backup
-from user_migration.cutover import CutoverOptions, active_cutover, run_cutover
+from user_migration.cutover import active_cutover
 from user_migration.errors import MigrationError
 from user_migration.rollback import carry_back, restore
 
@@ -169,20 +169,7 @@ def test_restore_reproduces_the_legacy_tables_and_refuses_a_tampered_backup(lega
 def test_rollback_into_a_separate_legacy_database_refuses_a_link_to_a_missing_group(make_db, backup_dir):
     """Target and legacy on different databases: the changes cross between two connections, and a link
     the legacy side cannot hold (its group does not exist there) stops the rollback with nothing changed."""
-    legacy_db, target_db = make_db("src"), make_db("dst")
-    fx.load(legacy_db)
-    result = run_stages(legacy_db, target_db, SETTINGS, "sep-1", backup_dir)
-    with psycopg.connect(target_db) as conn:
-        conn.execute(
-            "INSERT INTO migration_audit.validation_results (run_id, expectation, success) "
-            "VALUES ('sep-1', 'every_source_row_accounted', %s)",
-            (result["migrated"] + result["rejected"] == result["source_rows"],),
-        )
-    with (
-        psycopg.connect(legacy_db, autocommit=True) as src,
-        psycopg.connect(target_db, autocommit=True) as dst,
-    ):
-        run_cutover(src, dst, SETTINGS, "sep-1", dt.date.today(), "test", CutoverOptions())
+    legacy_db, target_db = cut_over_two_databases(make_db, backup_dir)
     with psycopg.connect(target_db) as conn:  # the application, on the new database
         conn.execute("UPDATE account_newuser SET full_name = 'Renamed' WHERE id = 1")
         conn.execute("INSERT INTO account_newuser_groups (newuser_id, group_id) VALUES (2, 1), (2, 99)")

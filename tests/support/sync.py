@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psycopg
 
+from support import fixture_users as fx
 from support.pipeline import run_stages, snapshot
 from user_migration.config import Settings
 from user_migration.cutover import CutoverOptions, run_cutover
@@ -47,10 +48,11 @@ def migrated(dsn: str) -> dict[int, tuple]:
     return {row[0]: tuple(row) for row in snapshot(dsn)["users"]}
 
 
-def validated_pass(dsn: str, run_id: str, backup_dir: Path) -> dict:
-    """A pass plus a recorded successful validation (the GX suite itself is tested elsewhere)."""
-    result = run_stages(dsn, dsn, SETTINGS, run_id, backup_dir)
-    with psycopg.connect(dsn) as conn:
+def validated_pass(dsn: str, run_id: str, backup_dir: Path, target: str | None = None) -> dict:
+    """A pass plus a recorded successful validation (the GX suite itself is tested elsewhere);
+    into ``target`` when given, else into the legacy database."""
+    result = run_stages(dsn, target or dsn, SETTINGS, run_id, backup_dir)
+    with psycopg.connect(target or dsn) as conn:
         conn.execute(
             "INSERT INTO migration_audit.validation_results (run_id, expectation, success) "
             "VALUES (%s, 'every_source_row_accounted', %s)",
@@ -64,9 +66,24 @@ def cutover(dsn: str, run_id: str, **options) -> dict:
         return run_cutover(conn, conn, SETTINGS, run_id, dt.date.today(), "test", CutoverOptions(**options))
 
 
-def start_writer(dsn: str, tmp_path: Path, seed: int = 1):
-    stop, out = tmp_path / f"stop-{seed}", tmp_path / f"writer-{seed}.json"
-    proc = subprocess.Popen([sys.executable, str(WRITER), dsn, str(stop), str(out), str(seed)])
+def cut_over_two_databases(make_db, backup_dir: Path, run_id: str = "sep-1") -> tuple[str, str]:
+    """The fixture's legacy tables in one database, cut over by a validated pass into another."""
+    legacy_db, target_db = make_db("src"), make_db("dst")
+    fx.load(legacy_db)
+    validated_pass(legacy_db, run_id, backup_dir, target=target_db)
+    with (
+        psycopg.connect(legacy_db, autocommit=True) as src,
+        psycopg.connect(target_db, autocommit=True) as dst,
+    ):
+        run_cutover(src, dst, SETTINGS, run_id, dt.date.today(), "test", CutoverOptions())
+    return legacy_db, target_db
+
+
+def start_writer(dsn: str, tmp_path: Path, seed: int = 1, script: Path = WRITER):
+    """Run an application writer (``legacy_writer.py`` by default) until the returned finish() stops it
+    and returns what it did."""
+    stop, out = tmp_path / f"stop-{script.stem}-{seed}", tmp_path / f"{script.stem}-{seed}.json"
+    proc = subprocess.Popen([sys.executable, str(script), dsn, str(stop), str(out), str(seed)])
 
     def finish() -> dict:
         stop.touch()
