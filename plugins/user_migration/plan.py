@@ -269,6 +269,58 @@ def _legacy_rows(cursor: psycopg.Cursor):
     return make
 
 
+def _reuse_if_log_empty(
+    source: psycopg.Connection,
+    target: psycopg.Connection,
+    mapping: LegacyMapping,
+    logged: int | None,
+    run_id: str,
+    transform_settings: int,
+    as_of: dt.date,
+) -> Reuse:
+    """In a pass reading the log, in the plan's snapshot: scan unless the log is empty, markers too."""
+    markers = _log_markers(source, mapping)
+    if logged:
+        return Reuse(None, f"full scan: the change log holds {logged} entries")
+    if markers:  # a TRUNCATE after capture.prepare's look: the table may be anything
+        return Reuse(None, f"full scan: the change log holds {markers} TRUNCATE markers")
+    return reusable_decision(target, run_id, transform_settings, as_of)
+
+
+def _cover_known_ids(
+    target: psycopg.Connection, ranges: list[tuple[int, int]], count: int
+) -> tuple[list[tuple[int, int]], bool]:
+    """Widen the ranges to every id the target and the sync state hold; and whether the target is empty."""
+    held, known_min, known_max = target.execute(read_sql("plan/target_ids.sql")).fetchone()
+    if known_min is not None and not count:
+        ranges = [(known_min, known_max)]
+    elif known_min is not None:
+        ranges[0] = (min(ranges[0][0], known_min), ranges[0][1])
+        ranges[-1] = (ranges[-1][0], max(ranges[-1][1], known_max))
+    return ranges, held == 0
+
+
+def _record_duplicates(
+    target: psycopg.Connection, run_id: str, reuse: Reuse, ledger: DuplicateLedger
+) -> None:
+    """The plan's losers: copied from the base plan it took over, else from this scan's ledger."""
+    if reuse.base is not None:
+        target.execute(
+            "INSERT INTO migration_audit.plan_duplicates (run_id, source_id, reason, kept_id) "
+            "SELECT %s, source_id, reason, kept_id FROM migration_audit.plan_duplicates WHERE run_id = %s",
+            (run_id, reuse.base),
+        )
+        return
+    with (
+        target.cursor() as cur,
+        cur.copy(
+            "COPY migration_audit.plan_duplicates (run_id, source_id, reason, kept_id) FROM STDIN"
+        ) as copy,
+    ):
+        for dup in ledger:
+            copy.write_row((run_id, dup.source_id, dup.reason, dup.kept_id))
+
+
 def make_plan(
     source: psycopg.Connection,
     target: psycopg.Connection,
@@ -303,13 +355,9 @@ def make_plan(
             if not own_snapshot:
                 reuse = Reuse(None, "full scan: planned inside the caller's transaction")
             elif mode.changes == "log":
-                markers = _log_markers(source, mapping)
-                if logged:
-                    reuse = Reuse(None, f"full scan: the change log holds {logged} entries")
-                elif markers:  # a TRUNCATE after capture.prepare's look: the table may be anything
-                    reuse = Reuse(None, f"full scan: the change log holds {markers} TRUNCATE markers")
-                else:
-                    reuse = reusable_decision(target, run_id, transform_settings, as_of)
+                reuse = _reuse_if_log_empty(
+                    source, target, mapping, logged, run_id, transform_settings, as_of
+                )
             if count and reuse.base is None:
                 find_duplicates(source, mapping, transformer, ledger)
         duplicates = reuse.duplicates if reuse.base is not None else ledger.losers
@@ -319,13 +367,7 @@ def make_plan(
         # cutover's proof counts state rows against legacy rows).
         initial_load = False
         if not settings.dry_run:
-            held, known_min, known_max = target.execute(read_sql("plan/target_ids.sql")).fetchone()
-            initial_load = held == 0
-            if known_min is not None and not count:
-                ranges = [(known_min, known_max)]
-            elif known_min is not None:
-                ranges[0] = (min(ranges[0][0], known_min), ranges[0][1])
-                ranges[-1] = (ranges[-1][0], max(ranges[-1][1], known_max))
+            ranges, initial_load = _cover_known_ids(target, ranges, count)
         partitions = [
             {
                 "partition_no": no,
@@ -361,21 +403,7 @@ def make_plan(
                     reuse.note,
                 ),
             )
-            if reuse.base is not None:
-                target.execute(
-                    "INSERT INTO migration_audit.plan_duplicates (run_id, source_id, reason, kept_id) "
-                    "SELECT %s, source_id, reason, kept_id FROM migration_audit.plan_duplicates WHERE run_id = %s",
-                    (run_id, reuse.base),
-                )
-            else:
-                with (
-                    target.cursor() as cur,
-                    cur.copy(
-                        "COPY migration_audit.plan_duplicates (run_id, source_id, reason, kept_id) FROM STDIN"
-                    ) as copy,
-                ):
-                    for dup in ledger:
-                        copy.write_row((run_id, dup.source_id, dup.reason, dup.kept_id))
+            _record_duplicates(target, run_id, reuse, ledger)
             deferred = (
                 deferred_indexes.defer(target, run_id) if initial_load and own_snapshot and count else []
             )
