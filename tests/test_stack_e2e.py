@@ -27,6 +27,7 @@ from support.stack import (
     leftovers,
     meta,
     target,
+    wait_until_parked,
 )
 from throttle import set_state
 
@@ -314,6 +315,7 @@ def test_a_rejected_cutover_leaves_the_legacy_tables_writable_and_the_deadline_f
         {"dag_run_id": run, "logical_date": None, "conf": {"cutover": True}},
     )
     api.wait_for_task_state(run, "approve_cutover", "awaiting_input", timeout=400)
+    wait_until_parked(stack, run, "approve_cutover")
     hitl = f"/dags/user_migration/dagRuns/{run}/taskInstances/approve_cutover/-1/hitlDetails"
     detail = api("GET", hitl)
     assert detail["options"] == ["Approve", "Reject"] and detail["defaults"] == ["Reject"]
@@ -387,6 +389,7 @@ def test_an_approved_cutover_emits_its_asset_event(stack, api):
         {"dag_run_id": run, "logical_date": None, "conf": {"cutover": True}},
     )
     api.wait_for_task_state(run, "approve_cutover", "awaiting_input", timeout=400)
+    wait_until_parked(stack, run, "approve_cutover")
     hitl = f"/dags/user_migration/dagRuns/{run}/taskInstances/approve_cutover/-1/hitlDetails"
     assert api("PATCH", hitl, {"chosen_options": ["Approve"]})["responded_by"]["name"] == "admin"
     assert api.wait_for_run(run)["state"] == "success"

@@ -21,6 +21,9 @@ from typing import Any
 from websockets.sync.client import connect
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# DevTools errors of an evaluation whose page navigated away under it: worth a second try.
+NAVIGATED = ("navigated or closed", "Cannot find context", "Execution context was destroyed")
+NAVIGATION_RETRIES = 5
 FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -90,7 +93,18 @@ class Browser:
             time.sleep(0.2)
 
     def js(self, expression: str) -> Any:
-        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        """Evaluate in the page; an evaluation cut off by a navigation (the single-page app redirects
+        itself, e.g. to the login form, after the document loaded) is tried again in the new one."""
+        for attempt in range(NAVIGATION_RETRIES + 1):
+            try:
+                result = self.send(
+                    "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
+                )
+                break
+            except RuntimeError as exc:
+                if attempt == NAVIGATION_RETRIES or not any(m in str(exc) for m in NAVIGATED):
+                    raise
+                time.sleep(0.3)
         if "exceptionDetails" in result:
             raise RuntimeError(f"script failed: {result['exceptionDetails'].get('text')}")
         return result["result"].get("value")

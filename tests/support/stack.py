@@ -118,6 +118,28 @@ class Api:
         return sorted(self("GET", path)["task_instances"], key=lambda t: t["try_number"])
 
 
+def wait_until_parked(stack: airflow_stack.Stack, run_id: str, task_id: str, timeout: float = 90) -> None:
+    """Wait until the scheduler has handled the end of the workload that parked a task in
+    ``awaiting_input``, before anyone answers it.
+
+    Airflow 3.3.2 races otherwise: the worker's supervisor reports the parked workload's end up to
+    ``[workers] min_heartbeat_interval`` (5 s) after the task parked. An answer given before the
+    scheduler handles that report re-queues the same try under the same executor key; the late
+    report then removes the key from the executor and the scheduler fails the resumed task as
+    "killed externally", with no log of its own (CI, approval_approve_1). docs/operations.md says
+    the same to users.
+    """
+    log = stack.base / "home" / "logs" / "scheduler.log"
+    needle = f"TaskInstance Finished: dag_id=user_migration, task_id={task_id}, run_id={run_id},"
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+        if any(needle in line and "state=awaiting_input" in line for line in lines):
+            return
+        assert time.monotonic() < deadline, f"the scheduler never saw {task_id} of {run_id} parked"
+        time.sleep(1)
+
+
 def target(stack: airflow_stack.Stack) -> list[tuple]:
     with psycopg.connect(stack.legacy_dsn) as conn:
         return conn.execute(
