@@ -5,11 +5,11 @@
    dirty data as tools/seed_legacy.py, deterministic), with group and permission links.
 2. Runs the real stages in order, each in its own fresh Python process so peak RSS is per stage:
    backup, ddl, plan, copy (one process per partition, run concurrently like Airflow's mapped
-   tasks), profiles, validate (reconciliation + the Great Expectations suite).
+   tasks), finalize, validate (reconciliation + the Great Expectations suite).
 3. Baselines on the same rows: (a) a plain in-database ``INSERT ... SELECT`` into an identically
    indexed empty table, (b) the seed project's approach: every row fetched into Python dicts,
    then multi-row INSERTs of 1,000 rows (as Django's ``bulk_create``).
-4. After the first load (tools/bench_cutover.py): a quiet pass (ddl, plan, copy, profiles, validate
+4. After the first load (tools/bench_cutover.py): a quiet pass (ddl, plan, copy, finalize, validate
    again with nothing changed), the capture triggers' cost to the application's writes, and the
    cutover with a writer playing the application (its latencies, the pause, the catch-up).
 5. Prints a table and writes everything to bench/results/bench-<rows>-<timestamp>.json.
@@ -50,7 +50,7 @@ DEFAULT_RESULTS_DIR = REPO / "bench" / "results"
 DEFAULT_BACKUP_DIR = REPO / "var" / "bench" / "backups"
 BASELINE_SCHEMA = "bench_baseline"
 ORM_BATCH = 1000  # rows per multi-row INSERT in baseline (b), as bulk_create(batch_size=1000)
-STAGES = ("backup", "ddl", "plan", "copy", "indexes", "profiles", "validate")
+STAGES = ("backup", "ddl", "plan", "copy", "indexes", "finalize", "validate")
 USER_COLUMNS = FIELDS  # the legacy user columns, in the pipeline's order
 
 # --------------------------------------------------------------------------------------------
@@ -414,7 +414,7 @@ def _stage_indexes(spec, conn, settings):
     return work
 
 
-def _stage_profiles(spec, conn, settings):
+def _stage_finalize(spec, conn, settings):
     from user_migration import capture, deferred_indexes, finalize
     from user_migration.finalize import finalize_target
 
@@ -521,7 +521,7 @@ CHILD_STAGES = {
     "plan": _stage_plan,
     "copy": _stage_copy,
     "indexes": _stage_indexes,
-    "profiles": _stage_profiles,
+    "finalize": _stage_finalize,
     "validate": _stage_validate,
     "orm_baseline": _stage_orm_baseline,
 }
@@ -651,7 +651,7 @@ def _stage_row(name: str, rows: int, seconds: float, rss: float, process_seconds
 def run_pipeline(
     args, dsn: str, rows: int, run_id: str, workdir: Path, first_load: bool = True
 ) -> tuple[list[dict], dict]:
-    """The stages of one pass. ``first_load=False``: a later pass (ddl, plan, copy, profiles, validate),
+    """The stages of one pass. ``first_load=False``: a later pass (ddl, plan, copy, finalize, validate),
     without the backup and the separate index build, which a later pass has nothing to do for."""
     base = {
         "dsn": dsn,
@@ -733,7 +733,7 @@ def run_pipeline(
 
     if first_load:
         simple("indexes")
-    simple("profiles")
+    simple("finalize")
     validate = simple("validate")
     return stages, {**details, "validate": validate}
 
@@ -971,7 +971,7 @@ def run_after_first_load(args, dsn: str, rows: int, run_id: str, workdir: Path, 
                 k: details["plan"][k]
                 for k in ("source_rows", "duplicates", "duplicates_from", "duplicates_note", "timings")
             },
-            "profiles": details["profiles"],
+            "finalize": details["finalize"],
             "validation": validation,
         }
         ok = ok and validation["accounted"] and not validation["failed"]
@@ -1154,7 +1154,7 @@ def main(argv: list[str] | None = None) -> int:
             first_pass = report["total"]["seconds"]
             report["ratios"] = {
                 "copy_seconds_with_indexes": round(loaded, 3),
-                # The whole first pass (backup, ddl, plan, copy, indexes, profiles, validate) against (a).
+                # The whole first pass (backup, ddl, plan, copy, indexes, finalize, validate) against (a).
                 "first_pass_seconds": round(first_pass, 3),
                 "first_pass_vs_a": round(_rate(rows, first_pass) / a["rows_per_s"], 4),
                 "copy_vs_a": round(_rate(rows, loaded) / a["rows_per_s"], 4),
