@@ -18,12 +18,12 @@ from user_migration.operators import (
     POOL,
     CutoverApprovalOperator,
     CutoverOperator,
+    FinalizeTargetOperator,
     GreatExpectationsValidationOperator,
     LegacyBackupOperator,
     MigrationPlanOperator,
     MigrationReportOperator,
     PartitionCopyOperator,
-    ProfileInitOperator,
     TargetSchemaOperator,
 )
 from user_migration.setting_specs import PASS_PARAMS, dag_params
@@ -66,7 +66,7 @@ with DAG(
         task_id="copy",
         map_index_template="ids {{ task.partition['lo'] }}-{{ task.partition['hi'] }}",
     ).expand(partition=plan.output)
-    profiles = ProfileInitOperator(task_id="profiles")
+    finalize = FinalizeTargetOperator(task_id="finalize")
     validate = GreatExpectationsValidationOperator(task_id="validate", retries=0)
     # Skipped (with the cutover) unless Param cutover; a Reject or a timeout skips the cutover.
     approve = CutoverApprovalOperator(task_id="approve_cutover", retries=0)
@@ -80,5 +80,5 @@ with DAG(
         outlets=[TARGET_USERS_ALIAS],
     )
 
-    backup >> ddl >> plan >> copy >> profiles >> validate >> approve >> cutover >> report
+    backup >> ddl >> plan >> copy >> finalize >> validate >> approve >> cutover >> report
     validate >> report

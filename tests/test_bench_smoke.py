@@ -16,7 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 ROWS = 20_000
-STAGES = ("backup", "ddl", "plan", "copy", "indexes", "profiles", "validate")
+STAGES = ("backup", "ddl", "plan", "copy", "indexes", "finalize", "validate")
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_bench_runs_every_stage_and_reconciles(bench_server: str, tmp_path: Path
     # A second pass with nothing changed reads the change log the first load made trusted.
     quiet = report["quiet_pass"]
     assert quiet["changes"] == "log"
-    assert tuple(s["stage"] for s in quiet["stages"]) == ("ddl", "plan", "copy", "profiles", "validate")
+    assert tuple(s["stage"] for s in quiet["stages"]) == ("ddl", "plan", "copy", "finalize", "validate")
     assert quiet["validation"]["accounted"] is True and quiet["validation"]["failed"] == []
     # Nothing changed since the first load's plan: the quiet pass takes its duplicate decision over
     # instead of scanning the legacy table again (decision 0011).

@@ -145,7 +145,7 @@ def test_dag_migrates_the_fixture_exactly_and_leaves_an_audit_trail(
             (run_id,),
         ).fetchone()
     assert state == "success"
-    assert {t for t, _ in attempts} == {"backup", "ddl", "plan", "copy", "profiles", "validate", "report"}
+    assert {t for t, _ in attempts} == {"backup", "ddl", "plan", "copy", "finalize", "validate", "report"}
     # Param cutover=false: the approval and the cutover show as skipped, the report still ran.
     states = task_states(airflow_home, run_id)
     assert (states["approve_cutover"], states["cutover"], states["report"]) == (

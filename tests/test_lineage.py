@@ -113,7 +113,7 @@ def test_operators_report_openlineage_datasets_on_complete():
         ops.LegacyBackupOperator,
         ops.TargetSchemaOperator,
         ops.MigrationPlanOperator,
-        ops.ProfileInitOperator,
+        ops.FinalizeTargetOperator,
         ops.MigrationReportOperator,
         ops.RollbackOperator,
     ):

@@ -228,7 +228,7 @@ def test_dag_under_least_privilege_role_with_password_leaks_nothing(
         xcoms = db.execute(
             "SELECT task_id, map_index, value FROM xcom WHERE run_id = ?", (run_id,)
         ).fetchall()
-    assert {x[0] for x in xcoms} >= {"backup", "ddl", "plan", "copy", "profiles", "validate", "report"}
+    assert {x[0] for x in xcoms} >= {"backup", "ddl", "plan", "copy", "finalize", "validate", "report"}
     texts |= {f"xcom {task}[{index}]": str(value) for task, index, value in xcoms}
     for path in airflow_home.glob("airflow.db*"):  # the whole metadata database, byte for byte
         texts[str(path)] = path.read_bytes().decode("utf-8", errors="replace")

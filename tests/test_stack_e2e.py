@@ -36,8 +36,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.stack]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 USERS = 1_500
 RETRY_RUN = "retry_check_1"
-# Every first try of `profiles` in runs whose id holds "retry_check" fails; the scheduler retries it.
-FAIL_ONCE = "profiles@retry_check"
+# Every first try of `finalize` in runs whose id holds "retry_check" fails; the scheduler retries it.
+FAIL_ONCE = "finalize@retry_check"
 DEADLINE_MINUTES = 0.75
 
 
@@ -129,17 +129,17 @@ def test_backfill_of_three_days_makes_three_passes_and_no_duplicates(stack, api)
 def test_a_task_that_fails_once_is_retried_by_the_scheduler(stack, api):
     api("POST", "/dags/user_migration/dagRuns", {"dag_run_id": RETRY_RUN, "logical_date": None})
     assert api.wait_for_run(RETRY_RUN, timeout=400)["state"] == "success"
-    profiles = api.task_instances(RETRY_RUN)[("profiles", -1)]
-    assert profiles["state"] == "success" and profiles["try_number"] == 2
+    finalize = api.task_instances(RETRY_RUN)[("finalize", -1)]
+    assert finalize["state"] == "success" and finalize["try_number"] == 2
     with psycopg.connect(stack.legacy_dsn) as conn:
         attempts = conn.execute(
             "SELECT try_number, state FROM migration_audit.task_attempts "
-            "WHERE run_id = %s AND task_id = 'profiles' AND state <> 'running' ORDER BY try_number",
+            "WHERE run_id = %s AND task_id = 'finalize' AND state <> 'running' ORDER BY try_number",
             (RETRY_RUN,),
         ).fetchall()
     assert attempts == [(1, "failed"), (2, "success")]
-    # Other runs were not touched by the fault: their profiles task succeeded at once.
-    assert api.task_instances("rest_trigger_1")[("profiles", -1)]["try_number"] == 1
+    # Other runs were not touched by the fault: their finalize task succeeded at once.
+    assert api.task_instances("rest_trigger_1")[("finalize", -1)]["try_number"] == 1
 
 
 def test_the_web_ui_in_a_real_browser(stack, api):

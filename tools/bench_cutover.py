@@ -300,7 +300,7 @@ def print_extras(report: dict[str, Any]) -> None:
             f"({quiet['total']['process_seconds']:.2f} s with process start-up): {per_stage} s; "
             f"reconcile {'holds' if v['accounted'] else 'DOES NOT HOLD'}, GX {v['checks_passed']}/{v['checks']}"
         )
-        for stage in ("plan", "profiles", "validate"):
+        for stage in ("plan", "finalize", "validate"):
             timings = (quiet["validation"] if stage == "validate" else quiet[stage]).get("timings")
             if timings:
                 print(f"  {stage}: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))

@@ -1,7 +1,7 @@
 """Differential check of the phone fast path: to_e164 must answer exactly as phonenumbers does.
 
 Three sources of phones, all deterministic for a seed: the bench's phones (the shapes and shares of
-tools/bench.py's generator and of tools/seed_legacy.py), fuzzed strings built around each region's
+tools/bench_seed.py's generator and of tools/seed_legacy.py), fuzzed strings built around each region's
 calling code, prefixes and example numbers, and every region's example numbers in every format.
 tests/test_phone_fast.py runs a few hundred thousand cases; this script runs millions:
 
@@ -28,7 +28,7 @@ from phonenumbers import PhoneNumberFormat, PhoneNumberType  # noqa: E402
 from user_migration import transforms  # noqa: E402
 
 DEFAULT_REGIONS = ("NP", "IN", "US", "GB", "DE", "BR", "CA", "AR", "IT", "KZ", "GG", "MX", "AU", "FI")
-# The bench's valid NP mobile prefixes (tools/bench.py NP_MOBILE_PREFIXES, kept in step by a test).
+# The bench's valid NP mobile prefixes (tools/bench_seed.py NP_MOBILE_PREFIXES, kept in step by a test).
 BENCH_NP_MOBILE_PREFIXES = ("980", "981", "982", "984", "985", "986")
 NUMBER_TYPES = tuple(
     getattr(PhoneNumberType, name)
@@ -69,7 +69,7 @@ def bench_phones(count: int, seed: int = 42) -> list[str]:
             out.append("")
         elif rng.random() < 0.5:
             out.append(seed_legacy._phone(rng))  # seed_legacy's own generator (wider prefixes)
-        else:  # tools/bench.py's SQL: a valid prefix, 7 digits, one of the same 4 styles
+        else:  # tools/bench_seed.py's SQL: a valid prefix, 7 digits, one of the same 4 styles
             number = f"{rng.choice(BENCH_NP_MOBILE_PREFIXES)}{rng.randrange(10**7):07d}"
             style = rng.randrange(4)
             out.append(

@@ -159,15 +159,30 @@ def every_source_row_accounted(
     observed, details.message) naming each partition that is off and by how much; ids and counts only.
     """
     if dry_run:
-        return {
-            "name": ACCOUNTED_CHECK,
-            "success": True,
-            "observed": {"dry_run": True},
-            "details": {"message": "dry run: nothing was written to the target, so nothing to count"},
-        }
+        return _accounted_outcome(
+            True, {"dry_run": True}, "dry run: nothing was written to the target, so nothing to count"
+        )
     rows = conn.execute(read_sql("audit/partition_accounting.sql"), {"run_id": run_id}).fetchall()
     if not rows:
         raise LookupError(f"run {run_id} has no plan in migration_audit.plans")
+    problems, off = _partitions_off(rows)
+    target_total = rows[0][6]
+    outside = target_total - sum(row[4] for row in rows)
+    if outside:
+        problems.append(f"{outside} users in the target outside every partition's id range")
+    observed = {
+        "partitions": len(rows),
+        "rows_in": sum(row[3] or 0 for row in rows),
+        "in_target": target_total,
+        "rejected": sum(row[5] for row in rows),
+        "outside_ranges": outside,
+        "partitions_off": off,
+    }
+    return _accounted_outcome(not problems, observed, _accounted_message(problems, observed))
+
+
+def _partitions_off(rows: list[tuple]) -> tuple[list[str], list[dict[str, Any]]]:
+    """The partitions (rows of partition_accounting.sql) not finished or off: a sentence and an entry each."""
     problems: list[str] = []
     off: list[dict[str, Any]] = []
     for no, lo, hi, rows_in, in_target, rejected, _ in rows:
@@ -192,34 +207,28 @@ def every_source_row_accounted(
                     "difference": difference,
                 }
             )
-    target_total = rows[0][6]
-    outside = target_total - sum(row[4] for row in rows)
-    if outside:
-        problems.append(f"{outside} users in the target outside every partition's id range")
-    rows_in_total = sum(row[3] or 0 for row in rows)
-    accounted = target_total + sum(row[5] for row in rows)
-    observed = {
-        "partitions": len(rows),
-        "rows_in": rows_in_total,
-        "in_target": target_total,
-        "rejected": sum(row[5] for row in rows),
-        "outside_ranges": outside,
-        "partitions_off": off,
-    }
+    return problems, off
+
+
+def _accounted_message(problems: list[str], observed: dict[str, Any]) -> str:
+    """The check's message: what is off and what to do, or the sum that holds."""
     if problems:
-        message = (
+        return (
             f"{ACCOUNTED_CHECK} failed: " + "; ".join(problems) + ". The target no longer matches what the "
             "partitions read: run another pass (it reads those ranges again and repairs them); if it stays "
             "off, something other than the migration writes account_newuser"
         )
-    else:
-        message = (
-            f"{rows_in_total} legacy rows read by {len(rows)} partitions = {accounted} in the target or "
-            "rejected, per partition"
-        )
+    accounted = observed["in_target"] + observed["rejected"]
+    return (
+        f"{observed['rows_in']} legacy rows read by {observed['partitions']} partitions = {accounted} in the "
+        "target or rejected, per partition"
+    )
+
+
+def _accounted_outcome(success: bool, observed: dict[str, Any], message: str) -> dict[str, Any]:
     return {
         "name": ACCOUNTED_CHECK,
-        "success": not problems,
+        "success": success,
         "observed": observed,
         "details": {"message": message},
     }

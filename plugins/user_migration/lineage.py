@@ -74,8 +74,8 @@ LINEAGE: dict[str, tuple[tuple[tuple[str, ...], ...], tuple[tuple[str, ...], ...
         (*LEGACY_ALL, PLANS, PLAN_DUPLICATES),
         (*NEW_USER_TABLES, PARTITIONS, BATCHES, REJECTED_ROWS, FIELD_FIXES, SOURCE_STATE),
     ),
-    # A profile per migrated user; the legacy users table gives the id floor of the sequences.
-    "profiles": ((LEGACY_USERS, NEW_USERS), (NEW_PROFILES,)),
+    # Finalize: a profile per migrated user; the legacy users table gives the id floor of the sequences.
+    "finalize": ((LEGACY_USERS, NEW_USERS), (NEW_PROFILES,)),
     # Reconciles the audit counts and runs the GX suite on the new tables; never reads legacy rows.
     "validate": (
         (*NEW_USER_TABLES, NEW_PROFILES, PLANS, PARTITIONS, REJECTED_ROWS, FIELD_FIXES, SOURCE_STATE),

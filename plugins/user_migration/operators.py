@@ -366,10 +366,11 @@ class PartitionCopyOperator(_MigrationOperator):
         return summary
 
 
-class ProfileInitOperator(_MigrationOperator):
-    """Indexes a first load deferred; one account_profile per migrated user; sequences past the copied ids."""
+class FinalizeTargetOperator(_MigrationOperator):
+    """After the copy (finalize.finalize_target): indexes a first load deferred, one account_profile per
+    migrated user, sequences past the copied ids, change capture completed, write triggers, VACUUM (ANALYZE)."""
 
-    lineage_kind = "profiles"
+    lineage_kind = "finalize"
 
     def run(self, context, settings, target):
         from user_migration.finalize import finalize_target

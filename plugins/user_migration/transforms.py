@@ -315,70 +315,112 @@ class Transformer:
         )
 
     def transform(self, row: LegacyRow) -> tuple[NewUser | None, Reject | None, list[FieldFix]]:
-        """One legacy row to (target row, None, fixes) or (None, reject, [])."""
-        if _blank(row.username):
-            return None, Reject(MISSING_USERNAME, "username is empty"), []
-        if _blank(row.full_name):
-            return None, Reject(MISSING_FULL_NAME, "full_name is empty"), []
+        """One legacy row to (target row, None, fixes) or (None, reject, []).
+
+        The rules in order, the first one a row breaks is its reject: names present, a valid email,
+        a plausible date of birth, no NULL password or flag, lengths within the columns, the phone.
+        """
+        reject = _blank_name(row)
+        if reject is not None:
+            return None, reject, []
         try:
             email = clean_email(row.email)
         except InvalidValue as exc:
             return None, Reject(INVALID_EMAIL, str(exc)), []
-        dob = row.date_of_birth
-        if dob is None:
-            return None, Reject(INVALID_DATE_OF_BIRTH, "date_of_birth is missing"), []
-        if dob > self.today:
-            return None, Reject(INVALID_DATE_OF_BIRTH, DOB_IN_FUTURE), []
-        if dob < OLDEST_DATE_OF_BIRTH:
-            return None, Reject(INVALID_DATE_OF_BIRTH, "date_of_birth is before 1900-01-01"), []
-        for name in ("password", "is_superuser", "is_active", "is_staff"):
-            if getattr(row, name) is None:
-                return None, Reject(MISSING_VALUE, f"{name} is NULL"), []
+        reject = self._date_of_birth_reject(row.date_of_birth)
+        if reject is None:
+            reject = _null_value(row)
+        if reject is not None:
+            return None, reject, []
         full_name = row.full_name.strip()
-        for name, value in (
-            ("password", row.password),
-            ("email", email),
-            ("username", row.username),
-            ("full_name", full_name),
-        ):
-            if len(value) > MAX_LENGTH[name]:
-                return (
-                    None,
-                    Reject(
-                        VALUE_TOO_LONG, f"{name} has {len(value)} characters, the limit is {MAX_LENGTH[name]}"
-                    ),
-                    [],
-                )
-        phone, problem = to_e164(row.phone_number, self.phone_region)
+        reject = _too_long(row, email, full_name)
+        if reject is not None:
+            return None, reject, []
+        phone, fixes, reject = self._phone(row.phone_number)
+        if reject is not None:
+            return None, reject, []
+        fixes += _text_fixes(row, email, full_name)
+        return _new_user(row, email, full_name, phone), None, fixes
+
+    def _date_of_birth_reject(self, dob: dt.date | None) -> Reject | None:
+        if dob is None:
+            return Reject(INVALID_DATE_OF_BIRTH, "date_of_birth is missing")
+        if dob > self.today:
+            return Reject(INVALID_DATE_OF_BIRTH, DOB_IN_FUTURE)
+        if dob < OLDEST_DATE_OF_BIRTH:
+            return Reject(INVALID_DATE_OF_BIRTH, "date_of_birth is before 1900-01-01")
+        return None
+
+    def _phone(self, raw: str | None) -> tuple[str, list[FieldFix], Reject | None]:
+        """The phone in E.164 (or empty) and its field fix; or the reject of an invalid one (invalid_phone=reject)."""
+        phone, problem = to_e164(raw, self.phone_region)
         fixes: list[FieldFix] = []
         if problem == PHONE_EXTENSION_DROPPED:
-            fixes.append(FieldFix("phone_number", row.phone_number, phone, problem))
+            fixes.append(FieldFix("phone_number", raw, phone, problem))
         elif problem:
             if self.reject_invalid_phone:
                 return (
-                    None,
-                    Reject(INVALID_PHONE, f"phone_number is not a valid {self.phone_region} number"),
+                    phone,
                     [],
+                    Reject(INVALID_PHONE, f"phone_number is not a valid {self.phone_region} number"),
                 )
-            fixes.append(FieldFix("phone_number", row.phone_number, "", problem))
-        if email != row.email:
-            fixes.append(FieldFix("email", row.email, email, EMAIL_NORMALIZED))
-        if full_name != row.full_name:
-            fixes.append(FieldFix("full_name", row.full_name, full_name, NAME_TRIMMED))
-        user = NewUser(
-            id=row.id,
-            password=row.password,
-            last_login=row.last_login,
-            is_superuser=row.is_superuser,
-            email=email,
-            username=row.username,
-            full_name=full_name,
-            date_of_birth=dob,
-            phone_number=phone,
-            is_active=row.is_active,
-            is_staff=row.is_staff,
-        )
-        return user, None, fixes
+            fixes.append(FieldFix("phone_number", raw, "", problem))
+        return phone, fixes, None
+
+
+def _blank_name(row: LegacyRow) -> Reject | None:
+    if _blank(row.username):
+        return Reject(MISSING_USERNAME, "username is empty")
+    if _blank(row.full_name):
+        return Reject(MISSING_FULL_NAME, "full_name is empty")
+    return None
+
+
+def _null_value(row: LegacyRow) -> Reject | None:
+    for name in ("password", "is_superuser", "is_active", "is_staff"):
+        if getattr(row, name) is None:
+            return Reject(MISSING_VALUE, f"{name} is NULL")
+    return None
+
+
+def _too_long(row: LegacyRow, email: str, full_name: str) -> Reject | None:
+    for name, value in (
+        ("password", row.password),
+        ("email", email),
+        ("username", row.username),
+        ("full_name", full_name),
+    ):
+        if len(value) > MAX_LENGTH[name]:
+            return Reject(
+                VALUE_TOO_LONG, f"{name} has {len(value)} characters, the limit is {MAX_LENGTH[name]}"
+            )
+    return None
+
+
+def _text_fixes(row: LegacyRow, email: str, full_name: str) -> list[FieldFix]:
+    """The field fixes of the email (normalised) and the full name (trimmed), when they changed."""
+    fixes: list[FieldFix] = []
+    if email != row.email:
+        fixes.append(FieldFix("email", row.email, email, EMAIL_NORMALIZED))
+    if full_name != row.full_name:
+        fixes.append(FieldFix("full_name", row.full_name, full_name, NAME_TRIMMED))
+    return fixes
+
+
+def _new_user(row: LegacyRow, email: str, full_name: str, phone: str) -> NewUser:
+    return NewUser(
+        id=row.id,
+        password=row.password,
+        last_login=row.last_login,
+        is_superuser=row.is_superuser,
+        email=email,
+        username=row.username,
+        full_name=full_name,
+        date_of_birth=row.date_of_birth,
+        phone_number=phone,
+        is_active=row.is_active,
+        is_staff=row.is_staff,
+    )
 
 
 def jsonable_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -95,7 +95,7 @@ def test_parsing_imports_no_driver_or_heavy_library(parsed):
 
 def test_user_migration_wiring_reads_like_the_process(parsed):
     tasks = parsed["dags"]["user_migration"]["tasks"]
-    order = ["backup", "ddl", "plan", "copy", "profiles", "validate", "approve_cutover", "cutover", "report"]
+    order = ["backup", "ddl", "plan", "copy", "finalize", "validate", "approve_cutover", "cutover", "report"]
     for upstream, downstream in pairwise(order):
         if upstream != "validate":
             assert tasks[upstream]["downstream"] == [downstream]

@@ -226,7 +226,7 @@ def partition_states(dsn: str) -> list[tuple]:
 
 
 def finish_run(dsn: str, settings: Settings, partitions: list[dict], skip: int | None = None) -> None:
-    """Copy the partitions (but ``skip``) and create the profiles, as the rest of the DAG would."""
+    """Copy the partitions (but ``skip``) and finalize the target, as the rest of the DAG would."""
     with psycopg.connect(dsn, autocommit=True) as source, psycopg.connect(dsn, autocommit=True) as target:
         for partition in partitions:
             if partition["partition_no"] != skip:

@@ -33,7 +33,7 @@ def run_stages(
     partition_order: list[int] | None = None,
     after_plan: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    """backup, ddl, plan, copy (every partition, in ``partition_order``), profiles; returns reconcile()
+    """backup, ddl, plan, copy (every partition, in ``partition_order``), finalize; returns reconcile()
     with the backup folder, the plan's partitions and each copied partition's result. ``after_plan``
     runs between the plan and the copy (the application writing meanwhile)."""
     as_of = as_of or dt.date.today()
