@@ -160,6 +160,21 @@ def test_restore_through_a_mapping_with_odd_table_names(legacy, backup_dir):
 # --- carry_back while the application still writes to the new tables ---------------------------------
 
 
+def _wait_for_rows_written_by_the_writer(dsn: str, rows: int, timeout: float = 60) -> None:
+    """Until the writer's rows number ``rows`` (each needed a write of its own): a busy machine
+    starts the writer's process late, and a fixed sleep then left too few writes to prove anything."""
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while True:
+            (n,) = conn.execute(
+                "SELECT count(*) FROM account_newuser WHERE full_name LIKE 'Newuser Writer %'"
+            ).fetchone()
+            if n >= rows:
+                return
+            assert time.monotonic() < deadline, f"the writer wrote {n} rows in {timeout} s"
+            time.sleep(0.05)
+
+
 def test_carry_back_loses_no_write_the_application_makes_to_the_new_tables(
     legacy, backup_dir, tmp_path, monkeypatch
 ):
@@ -180,7 +195,7 @@ def test_carry_back_loses_no_write_the_application_makes_to_the_new_tables(
 
     monkeypatch.setattr(rollback._Carrier, "links", slow_links)
     finish = start_writer(legacy, tmp_path, script=NEWUSER_WRITER)
-    time.sleep(0.6)
+    _wait_for_rows_written_by_the_writer(legacy, 12)
     with psycopg.connect(legacy, autocommit=True) as conn:
         carry_back(conn, conn, SETTINGS, "test", "rollback-1")
     time.sleep(0.3)

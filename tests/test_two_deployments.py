@@ -13,6 +13,8 @@ from support import fixture_users as fx
 from support.pipeline import snapshot
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
+# Enough rows that the first run still holds the lease when the second asks (both start together).
+BULK = 50_000
 
 
 def test_two_deployments_at_once_one_writes_the_other_fails_clearly(make_db, tmp_path: Path):
@@ -24,7 +26,8 @@ def test_two_deployments_at_once_one_writes_the_other_fails_clearly(make_db, tmp
         conn.execute(
             "INSERT INTO account_user (password, is_superuser, email, username, full_name, date_of_birth, "
             "phone_number, is_active, is_staff) SELECT 'h', false, 'bulk' || g || '@example.com', 'bulk' || g, "
-            "'Bulk User', '1990-01-01', '', true, false FROM generate_series(1, 150000) AS g"
+            "'Bulk User', '1990-01-01', '', true, false FROM generate_series(1, %s) AS g",
+            (BULK,),
         )
     envs = {}
     for name in ("east", "west"):
@@ -70,7 +73,7 @@ def test_two_deployments_at_once_one_writes_the_other_fails_clearly(make_db, tmp
     if len(windows) == 2:
         assert windows[0][2] <= windows[1][1], windows
     # Nothing written twice: one copy of every migrated user; a second successful run changed nothing.
-    assert users[0] == users[1] == len(fx.MIGRATED) + 150000
+    assert users[0] == users[1] == len(fx.MIGRATED) + BULK
     assert [u[0] for u in snapshot(legacy)["users"]][: len(fx.MIGRATED)] == sorted(fx.MIGRATED)
     if codes == [0, 0]:
         second = runs[windows[1][0]]
