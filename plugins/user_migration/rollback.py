@@ -99,23 +99,9 @@ def carry_back(
         with target.transaction():
             _hold_new_tables(target, settings)
             with nullcontext() if same else legacy.transaction():
-                if _carried_already(legacy, settings, cut["id"]):
-                    # The legacy side of an earlier attempt committed, and its marker with it: all was
-                    # carried then. Carrying again would overwrite what the application has written to
-                    # the legacy tables since; only the target's side is left to finish. Its per-row
-                    # audit went with the failed target commit: one row says so.
-                    resumed = True
-                    target.execute(
-                        "INSERT INTO migration_audit.rollback_rows (cutover_id, run_id, source_id, action, detail) "
-                        "VALUES (%s, %s, 0, 'resumed', %s) ON CONFLICT DO NOTHING",
-                        (cut["id"], rollback_run, CARRIED_EARLIER),
-                    )
-                else:
-                    resumed = not _legacy_read_only(legacy, settings)
-                    set_legacy_read_only(legacy, settings, None)
-                    carry = _Carrier(legacy, target, settings, cut["id"], rollback_run, resumed)
-                    counts = _carry(carry, target, counts)
-                    _mark_carried(legacy, settings, cut["id"], rollback_run)
+                resumed, counts = _carry_legacy_side(
+                    legacy, target, settings, cut["id"], rollback_run, counts
+                )
             legacy_committed = not same
             if legacy_committed:
                 between_commits()
@@ -132,13 +118,46 @@ def carry_back(
     except psycopg.Error as exc:
         if not legacy_committed:
             raise
-        raise MigrationError(
-            f"rollback half done: the legacy tables are carried back and writable, but the target database "
-            f"failed before its commit ({safe_error(exc)}), so cutover {cut['id']} is still marked active. Run "
-            "the rollback again once the target database is reachable: it finishes the target's side without carrying anything again "
-            "and marks the cutover rolled back"
-        ) from None
+        raise MigrationError(_half_done(cut["id"], exc)) from None
     return {"cutover_id": cut["id"], "cutover_run_id": cut["run_id"], "resumed": resumed, **counts}
+
+
+def _carry_legacy_side(
+    legacy: psycopg.Connection,
+    target: psycopg.Connection,
+    settings: Settings,
+    cutover_id: int,
+    rollback_run: str,
+    counts: dict[str, int],
+) -> tuple[bool, dict[str, int]]:
+    """Carry the changes back into the legacy tables, unless an earlier attempt did; (resumed, counts)."""
+    if _carried_already(legacy, settings, cutover_id):
+        # The legacy side of an earlier attempt committed, and its marker with it: all was
+        # carried then. Carrying again would overwrite what the application has written to
+        # the legacy tables since; only the target's side is left to finish. Its per-row
+        # audit went with the failed target commit: one row says so.
+        target.execute(
+            "INSERT INTO migration_audit.rollback_rows (cutover_id, run_id, source_id, action, detail) "
+            "VALUES (%s, %s, 0, 'resumed', %s) ON CONFLICT DO NOTHING",
+            (cutover_id, rollback_run, CARRIED_EARLIER),
+        )
+        return True, counts
+    resumed = not _legacy_read_only(legacy, settings)
+    set_legacy_read_only(legacy, settings, None)
+    carry = _Carrier(legacy, target, settings, cutover_id, rollback_run, resumed)
+    counts = _carry(carry, target, counts)
+    _mark_carried(legacy, settings, cutover_id, rollback_run)
+    return resumed, counts
+
+
+def _half_done(cutover_id: int, exc: psycopg.Error) -> str:
+    """What to do when the legacy side committed and the target's commit failed."""
+    return (
+        f"rollback half done: the legacy tables are carried back and writable, but the target database "
+        f"failed before its commit ({safe_error(exc)}), so cutover {cutover_id} is still marked active. Run "
+        "the rollback again once the target database is reachable: it finishes the target's side without carrying anything again "
+        "and marks the cutover rolled back"
+    )
 
 
 def _carry(carry: _Carrier, target: psycopg.Connection, counts: dict[str, int]) -> dict[str, int]:
