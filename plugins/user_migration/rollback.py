@@ -537,35 +537,10 @@ def restore(
     hashes outlives it, whatever fails. Refuses, changing nothing, when rows of other tables point
     at users the backup lacks.
     """
-    manifest = verify_backup(folder)
-    tables = _restore_tables(settings)
-    entries = {entry["table"]: entry for entry in manifest["tables"]}
-    missing = [key for key, _ in tables if key not in entries]
-    if missing:
-        raise MigrationError(f"backup {folder} has no file for {', '.join(missing)}; refusing to restore")
-    loaded: dict[str, int] = {}
+    tables, entries = _backup_entries(folder, settings)
     try:
         with legacy.transaction():
-            staged = [
-                _stage(legacy, live, entries[key], folder, f"user_migration_restore_{n}")
-                for n, (key, live) in enumerate(tables)
-            ]
-            for (key, _), table in zip(tables, staged, strict=True):
-                loaded[key] = table.rows
-            legacy.execute(
-                sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{settings.lock_timeout_ms}ms"))
-            )
-            legacy.execute(
-                sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(sql.SQL(", ").join(t.live for t in staged))
-            )
-            legacy.execute("SET LOCAL lock_timeout = '30s'")
-            for table in staged:
-                _refuse_lost_references(legacy, table, staged)
-            set_legacy_read_only(legacy, settings, None)
-            changes = _apply_difference(legacy, dict(zip(loaded, staged, strict=True)))
-            legacy.execute("SET CONSTRAINTS ALL IMMEDIATE")  # a backup link to a vanished group fails here
-            for table in staged:
-                legacy.execute(sql.SQL("DROP TABLE {}").format(table.staging))
+            loaded, changes = _restore_in(legacy, settings, folder, tables, entries)
     except psycopg.errors.InsufficientPrivilege as exc:
         raise MigrationError(privileges.switch_refusal("restore", legacy, exc)) from None
     except psycopg.errors.LockNotAvailable:
@@ -591,6 +566,56 @@ def restore(
             )
             validation_reuse.note_write(target, "ROLLBACK")
     return {"backup": str(folder), "restored": loaded, "changes": changes}
+
+
+def _backup_entries(
+    folder: Path, settings: Settings
+) -> tuple[list[tuple[str, sql.Identifier]], dict[str, dict[str, Any]]]:
+    """The tables to restore and the verified backup's manifest entry of each; refuses a missing file."""
+    manifest = verify_backup(folder)
+    tables = _restore_tables(settings)
+    entries = {entry["table"]: entry for entry in manifest["tables"]}
+    missing = [key for key, _ in tables if key not in entries]
+    if missing:
+        raise MigrationError(f"backup {folder} has no file for {', '.join(missing)}; refusing to restore")
+    return tables, entries
+
+
+def _restore_in(
+    legacy: psycopg.Connection,
+    settings: Settings,
+    folder: Path,
+    tables: list[tuple[str, sql.Identifier]],
+    entries: dict[str, dict[str, Any]],
+) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """In the caller's transaction: stage, lock, check, apply the difference; (rows loaded, changes)."""
+    staged = [
+        _stage(legacy, live, entries[key], folder, f"user_migration_restore_{n}")
+        for n, (key, live) in enumerate(tables)
+    ]
+    loaded: dict[str, int] = {}
+    for (key, _), table in zip(tables, staged, strict=True):
+        loaded[key] = table.rows
+    _lock_live_tables(legacy, settings, staged)
+    for table in staged:
+        _refuse_lost_references(legacy, table, staged)
+    set_legacy_read_only(legacy, settings, None)
+    changes = _apply_difference(legacy, dict(zip(loaded, staged, strict=True)))
+    legacy.execute("SET CONSTRAINTS ALL IMMEDIATE")  # a backup link to a vanished group fails here
+    for table in staged:
+        legacy.execute(sql.SQL("DROP TABLE {}").format(table.staging))
+    return loaded, changes
+
+
+def _lock_live_tables(legacy: psycopg.Connection, settings: Settings, staged: list[_Staged]) -> None:
+    """Hold the live tables against writes (EXCLUSIVE), waiting at most lock_timeout_ms for them."""
+    legacy.execute(
+        sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{settings.lock_timeout_ms}ms"))
+    )
+    legacy.execute(
+        sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(sql.SQL(", ").join(t.live for t in staged))
+    )
+    legacy.execute("SET LOCAL lock_timeout = '30s'")
 
 
 def _apply_difference(legacy: psycopg.Connection, staged: dict[str, _Staged]) -> dict[str, dict[str, int]]:
