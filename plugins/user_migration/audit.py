@@ -105,21 +105,8 @@ def reconcile(conn: psycopg.Connection, run_id: str) -> dict[str, Any]:
         """,
         (run_id,),
     ).fetchone()
-    rejected = dict(
-        conn.execute(
-            "SELECT reason, count(*) FROM migration_audit.rejected_rows WHERE run_id = %s GROUP BY reason "
-            "ORDER BY reason",
-            (run_id,),
-        ).fetchall()
-    )
-    fixes = {
-        f"{field}:{reason}": n
-        for field, reason, n in conn.execute(
-            "SELECT field, reason, count(*) FROM migration_audit.field_fixes WHERE run_id = %s "
-            "GROUP BY field, reason ORDER BY field, reason",
-            (run_id,),
-        ).fetchall()
-    }
+    rejected = _rejected_by_reason(conn, run_id)
+    fixes = _fixes_by_field(conn, run_id)
     rows_in = totals[2]
     rejected_total = sum(rejected.values())
     return {
@@ -145,6 +132,29 @@ def reconcile(conn: psycopg.Connection, run_id: str) -> dict[str, Any]:
         "fixed_by_field": fixes,
         "links_read": totals[8],
         "drift_repaired": totals[10],
+    }
+
+
+def _rejected_by_reason(conn: psycopg.Connection, run_id: str) -> dict[str, int]:
+    """The run's rejected rows counted by reason."""
+    return dict(
+        conn.execute(
+            "SELECT reason, count(*) FROM migration_audit.rejected_rows WHERE run_id = %s GROUP BY reason "
+            "ORDER BY reason",
+            (run_id,),
+        ).fetchall()
+    )
+
+
+def _fixes_by_field(conn: psycopg.Connection, run_id: str) -> dict[str, int]:
+    """The run's field fixes counted by "field:reason"."""
+    return {
+        f"{field}:{reason}": n
+        for field, reason, n in conn.execute(
+            "SELECT field, reason, count(*) FROM migration_audit.field_fixes WHERE run_id = %s "
+            "GROUP BY field, reason ORDER BY field, reason",
+            (run_id,),
+        ).fetchall()
     }
 
 

@@ -61,11 +61,8 @@ class _MigrationOperator(BaseOperator):
     lineage_kind: str | None = None
 
     def execute(self, context: Any) -> Any:
-        import psycopg
-
-        from user_migration import audit, lease
-        from user_migration.db import ensure_audit_schema, safe_error
-        from user_migration.faults import fail_once
+        from user_migration import audit
+        from user_migration.db import ensure_audit_schema
         from user_migration.hooks import MigrationDbHook
 
         try:
@@ -88,41 +85,52 @@ class _MigrationOperator(BaseOperator):
         try:
             ensure_audit_schema(target)
             audit.record_attempt(target, run_id, self.task_id, map_index, ti.try_number, "running")
-            try:
-                fail_once(self.task_id, ti.try_number, run_id)
-                # While the task runs, its target session shows the run's lease holder is alive.
-                with lease.active(target, run_id, holds=self.renews_lease):
-                    result = self.run(context, settings, target)
-            except AirflowSkipException as exc:
-                self._skipped = True
-                audit.record_attempt(
-                    target, run_id, self.task_id, map_index, ti.try_number, "skipped", str(exc)
-                )
-                raise
-            except AirflowRescheduleException as exc:
-                reason = exc.reason if isinstance(exc, WaitingForLease) else None
-                audit.record_attempt(
-                    target, run_id, self.task_id, map_index, ti.try_number, "waiting", reason
-                )
-                raise
-            except AirflowFailException as exc:
-                self._record_failure(target, run_id, map_index, ti.try_number, str(exc), final=True)
-                raise
-            except (ConfigError, ValidationFailed) as exc:
-                self._record_failure(target, run_id, map_index, ti.try_number, str(exc), final=True)
-                raise AirflowFailException(str(exc)) from None
-            except Exception as exc:
-                message = safe_error(exc)
-                final = (ti.try_number or 1) > (getattr(ti, "max_tries", 0) or 0)
-                self._record_failure(target, run_id, map_index, ti.try_number, message, final=final)
-                if isinstance(exc, psycopg.Error):
-                    # Driver messages can quote row values (DETAIL, CONTEXT): never let them reach the log.
-                    raise MigrationError(f"{self.task_id} failed: {message}") from None
-                raise
+            result = self._run_recorded(context, settings, target, run_id, map_index)
             audit.record_attempt(target, run_id, self.task_id, map_index, ti.try_number, "success")
             return result
         finally:
             target.close()
+
+    def _run_recorded(
+        self, context: Any, settings: Settings, target: psycopg.Connection, run_id: str, map_index: int
+    ) -> Any:
+        """run() under the run's lease; an attempt that does not succeed is recorded, and its error
+        raised as Airflow should treat it (fail for good, retry, skip, wait) and without row values."""
+        import psycopg
+
+        from user_migration import audit, lease
+        from user_migration.db import safe_error
+        from user_migration.faults import fail_once
+
+        ti = context["ti"]
+        try:
+            fail_once(self.task_id, ti.try_number, run_id)
+            # While the task runs, its target session shows the run's lease holder is alive.
+            with lease.active(target, run_id, holds=self.renews_lease):
+                result = self.run(context, settings, target)
+        except AirflowSkipException as exc:
+            self._skipped = True
+            audit.record_attempt(target, run_id, self.task_id, map_index, ti.try_number, "skipped", str(exc))
+            raise
+        except AirflowRescheduleException as exc:
+            reason = exc.reason if isinstance(exc, WaitingForLease) else None
+            audit.record_attempt(target, run_id, self.task_id, map_index, ti.try_number, "waiting", reason)
+            raise
+        except AirflowFailException as exc:
+            self._record_failure(target, run_id, map_index, ti.try_number, str(exc), final=True)
+            raise
+        except (ConfigError, ValidationFailed) as exc:
+            self._record_failure(target, run_id, map_index, ti.try_number, str(exc), final=True)
+            raise AirflowFailException(str(exc)) from None
+        except Exception as exc:
+            message = safe_error(exc)
+            final = (ti.try_number or 1) > (getattr(ti, "max_tries", 0) or 0)
+            self._record_failure(target, run_id, map_index, ti.try_number, message, final=final)
+            if isinstance(exc, psycopg.Error):
+                # Driver messages can quote row values (DETAIL, CONTEXT): never let them reach the log.
+                raise MigrationError(f"{self.task_id} failed: {message}") from None
+            raise
+        return result
 
     def _record_failure(
         self, target: psycopg.Connection, run_id: str, map_index: int, try_number, message, final: bool

@@ -321,6 +321,118 @@ def _record_duplicates(
             copy.write_row((run_id, dup.source_id, dup.reason, dup.kept_id))
 
 
+@dataclass
+class _Snapshot:
+    """What the plan read in its source snapshot: the rows, their ranges, the log seen, the reuse."""
+
+    count: int
+    ranges: list[tuple[int, int]]
+    logged: int | None
+    reuse: Reuse
+
+
+def _capture_mode(
+    source: psycopg.Connection,
+    target: psycopg.Connection,
+    settings: Settings,
+    run_id: str,
+    own_snapshot: bool,
+) -> capture.Mode:
+    """Build indexes a failed run left deferred, and prepare change capture (none in a dry run)."""
+    mode = capture.Mode("full", "dry run: no change capture", installed=False)
+    if not settings.dry_run:
+        deferred_indexes.build(source, target, settings)  # left by a run that failed before its build
+        if own_snapshot:  # before any snapshot the partitions read in (see capture.prepare)
+            mode = capture.prepare(
+                source, target, settings.mapping, settings.full_reconcile, run_id, settings.lock_timeout_ms
+            )
+    return mode
+
+
+def _read_snapshot(
+    source: psycopg.Connection,
+    target: psycopg.Connection,
+    settings: Settings,
+    mode: capture.Mode,
+    run_id: str,
+    as_of: dt.date,
+    own_snapshot: bool,
+    transform_settings: int,
+    transformer: Transformer,
+    ledger: DuplicateLedger,
+) -> _Snapshot:
+    """In one source snapshot: the ranges, the log seen, and the duplicates (taken over or scanned)."""
+    mapping = settings.mapping
+    logged: int | None = None
+    reuse = Reuse(None, f"full scan: the pass compares every row ({mode.reason})")
+    with source.transaction():
+        if own_snapshot:
+            source.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        count, ranges = partition_ranges(source, mapping, settings.partitions)
+        if mode.installed:  # what this snapshot saw of the log, for a later plan's proof
+            logged = log_entries(source, mapping)
+        if not own_snapshot:
+            reuse = Reuse(None, "full scan: planned inside the caller's transaction")
+        elif mode.changes == "log":
+            reuse = _reuse_if_log_empty(source, target, mapping, logged, run_id, transform_settings, as_of)
+        if count and reuse.base is None:
+            find_duplicates(source, mapping, transformer, ledger)
+    return _Snapshot(count, ranges, logged, reuse)
+
+
+def _partitions(
+    ranges: list[tuple[int, int]], as_of: dt.date, initial_load: bool, mode: capture.Mode
+) -> list[dict[str, Any]]:
+    """The plan's partitions, one per id range, each with what its copy needs to know."""
+    return [
+        {
+            "partition_no": no,
+            "lo": lo,
+            "hi": hi,
+            "as_of": as_of.isoformat(),
+            "initial_load": initial_load,
+            "changes": mode.changes,
+            "capture": mode.installed,
+        }
+        for no, (lo, hi) in enumerate(ranges)
+    ]
+
+
+def _replace_plan_row(
+    target: psycopg.Connection,
+    run_id: str,
+    snap: _Snapshot,
+    partitions: list[dict[str, Any]],
+    duplicates: int,
+    mode: capture.Mode,
+    transform_settings: int,
+) -> None:
+    """Delete an earlier attempt's plan of ``run_id`` and its duplicates, and insert this one's row."""
+    count, ranges, reuse = snap.count, snap.ranges, snap.reuse
+    target.execute("DELETE FROM migration_audit.plan_duplicates WHERE run_id = %s", (run_id,))
+    target.execute("DELETE FROM migration_audit.plans WHERE run_id = %s", (run_id,))
+    target.execute(
+        "INSERT INTO migration_audit.plans (run_id, source_rows, min_id, max_id, partitions, duplicates, "
+        "changes, changes_reason, capture_markers, log_entries, transform_settings, duplicates_from, "
+        "duplicates_note) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        (
+            run_id,
+            count,
+            ranges[0][0] if count else None,
+            ranges[-1][1] if count else None,
+            Jsonb(partitions),
+            duplicates,
+            mode.changes,
+            mode.reason,
+            list(mode.markers),
+            snap.logged,
+            transform_settings,
+            reuse.base,
+            reuse.note,
+        ),
+    )
+
+
 def make_plan(
     source: psycopg.Connection,
     target: psycopg.Connection,
@@ -333,33 +445,23 @@ def make_plan(
 
     With ``own_snapshot=False`` the caller holds the source transaction (the cutover, under its lock).
     """
-    mapping = settings.mapping
     transformer = Transformer(settings.phone_region, settings.invalid_phone, today=as_of)
-    mode = capture.Mode("full", "dry run: no change capture", installed=False)
-    if not settings.dry_run:
-        deferred_indexes.build(source, target, settings)  # left by a run that failed before its build
-        if own_snapshot:  # before any snapshot the partitions read in (see capture.prepare)
-            mode = capture.prepare(
-                source, target, mapping, settings.full_reconcile, run_id, settings.lock_timeout_ms
-            )
+    mode = _capture_mode(source, target, settings, run_id, own_snapshot)
     transform_settings = settings.transform_fingerprint()
-    logged: int | None = None
-    reuse = Reuse(None, f"full scan: the pass compares every row ({mode.reason})")
     with DuplicateLedger() as ledger:
-        with source.transaction():
-            if own_snapshot:
-                source.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            count, ranges = partition_ranges(source, mapping, settings.partitions)
-            if mode.installed:  # what this snapshot saw of the log, for a later plan's proof
-                logged = log_entries(source, mapping)
-            if not own_snapshot:
-                reuse = Reuse(None, "full scan: planned inside the caller's transaction")
-            elif mode.changes == "log":
-                reuse = _reuse_if_log_empty(
-                    source, target, mapping, logged, run_id, transform_settings, as_of
-                )
-            if count and reuse.base is None:
-                find_duplicates(source, mapping, transformer, ledger)
+        snap = _read_snapshot(
+            source,
+            target,
+            settings,
+            mode,
+            run_id,
+            as_of,
+            own_snapshot,
+            transform_settings,
+            transformer,
+            ledger,
+        )
+        reuse = snap.reuse
         duplicates = reuse.duplicates if reuse.base is not None else ledger.losers
         # An empty target is loaded with plain COPY; once it holds users, partitions merge instead. The
         # ranges also cover every id already in the target and in the sync state, so users deleted from
@@ -367,48 +469,16 @@ def make_plan(
         # cutover's proof counts state rows against legacy rows).
         initial_load = False
         if not settings.dry_run:
-            ranges, initial_load = _cover_known_ids(target, ranges, count)
-        partitions = [
-            {
-                "partition_no": no,
-                "lo": lo,
-                "hi": hi,
-                "as_of": as_of.isoformat(),
-                "initial_load": initial_load,
-                "changes": mode.changes,
-                "capture": mode.installed,
-            }
-            for no, (lo, hi) in enumerate(ranges)
-        ]
+            snap.ranges, initial_load = _cover_known_ids(target, snap.ranges, snap.count)
+        partitions = _partitions(snap.ranges, as_of, initial_load, mode)
         with target.transaction():
-            target.execute("DELETE FROM migration_audit.plan_duplicates WHERE run_id = %s", (run_id,))
-            target.execute("DELETE FROM migration_audit.plans WHERE run_id = %s", (run_id,))
-            target.execute(
-                "INSERT INTO migration_audit.plans (run_id, source_rows, min_id, max_id, partitions, duplicates, "
-                "changes, changes_reason, capture_markers, log_entries, transform_settings, duplicates_from, "
-                "duplicates_note) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (
-                    run_id,
-                    count,
-                    ranges[0][0] if count else None,
-                    ranges[-1][1] if count else None,
-                    Jsonb(partitions),
-                    duplicates,
-                    mode.changes,
-                    mode.reason,
-                    list(mode.markers),
-                    logged,
-                    transform_settings,
-                    reuse.base,
-                    reuse.note,
-                ),
-            )
+            _replace_plan_row(target, run_id, snap, partitions, duplicates, mode, transform_settings)
             _record_duplicates(target, run_id, reuse, ledger)
             deferred = (
-                deferred_indexes.defer(target, run_id) if initial_load and own_snapshot and count else []
+                deferred_indexes.defer(target, run_id) if initial_load and own_snapshot and snap.count else []
             )
     return {
-        "source_rows": count,
+        "source_rows": snap.count,
         "changes": mode.changes,
         "changes_reason": mode.reason,
         "duplicates": duplicates,

@@ -99,23 +99,9 @@ def carry_back(
         with target.transaction():
             _hold_new_tables(target, settings)
             with nullcontext() if same else legacy.transaction():
-                if _carried_already(legacy, settings, cut["id"]):
-                    # The legacy side of an earlier attempt committed, and its marker with it: all was
-                    # carried then. Carrying again would overwrite what the application has written to
-                    # the legacy tables since; only the target's side is left to finish. Its per-row
-                    # audit went with the failed target commit: one row says so.
-                    resumed = True
-                    target.execute(
-                        "INSERT INTO migration_audit.rollback_rows (cutover_id, run_id, source_id, action, detail) "
-                        "VALUES (%s, %s, 0, 'resumed', %s) ON CONFLICT DO NOTHING",
-                        (cut["id"], rollback_run, CARRIED_EARLIER),
-                    )
-                else:
-                    resumed = not _legacy_read_only(legacy, settings)
-                    set_legacy_read_only(legacy, settings, None)
-                    carry = _Carrier(legacy, target, settings, cut["id"], rollback_run, resumed)
-                    counts = _carry(carry, target, counts)
-                    _mark_carried(legacy, settings, cut["id"], rollback_run)
+                resumed, counts = _carry_legacy_side(
+                    legacy, target, settings, cut["id"], rollback_run, counts
+                )
             legacy_committed = not same
             if legacy_committed:
                 between_commits()
@@ -132,13 +118,46 @@ def carry_back(
     except psycopg.Error as exc:
         if not legacy_committed:
             raise
-        raise MigrationError(
-            f"rollback half done: the legacy tables are carried back and writable, but the target database "
-            f"failed before its commit ({safe_error(exc)}), so cutover {cut['id']} is still marked active. Run "
-            "the rollback again once the target database is reachable: it finishes the target's side without carrying anything again "
-            "and marks the cutover rolled back"
-        ) from None
+        raise MigrationError(_half_done(cut["id"], exc)) from None
     return {"cutover_id": cut["id"], "cutover_run_id": cut["run_id"], "resumed": resumed, **counts}
+
+
+def _carry_legacy_side(
+    legacy: psycopg.Connection,
+    target: psycopg.Connection,
+    settings: Settings,
+    cutover_id: int,
+    rollback_run: str,
+    counts: dict[str, int],
+) -> tuple[bool, dict[str, int]]:
+    """Carry the changes back into the legacy tables, unless an earlier attempt did; (resumed, counts)."""
+    if _carried_already(legacy, settings, cutover_id):
+        # The legacy side of an earlier attempt committed, and its marker with it: all was
+        # carried then. Carrying again would overwrite what the application has written to
+        # the legacy tables since; only the target's side is left to finish. Its per-row
+        # audit went with the failed target commit: one row says so.
+        target.execute(
+            "INSERT INTO migration_audit.rollback_rows (cutover_id, run_id, source_id, action, detail) "
+            "VALUES (%s, %s, 0, 'resumed', %s) ON CONFLICT DO NOTHING",
+            (cutover_id, rollback_run, CARRIED_EARLIER),
+        )
+        return True, counts
+    resumed = not _legacy_read_only(legacy, settings)
+    set_legacy_read_only(legacy, settings, None)
+    carry = _Carrier(legacy, target, settings, cutover_id, rollback_run, resumed)
+    counts = _carry(carry, target, counts)
+    _mark_carried(legacy, settings, cutover_id, rollback_run)
+    return resumed, counts
+
+
+def _half_done(cutover_id: int, exc: psycopg.Error) -> str:
+    """What to do when the legacy side committed and the target's commit failed."""
+    return (
+        f"rollback half done: the legacy tables are carried back and writable, but the target database "
+        f"failed before its commit ({safe_error(exc)}), so cutover {cutover_id} is still marked active. Run "
+        "the rollback again once the target database is reachable: it finishes the target's side without carrying anything again "
+        "and marks the cutover rolled back"
+    )
 
 
 def _carry(carry: _Carrier, target: psycopg.Connection, counts: dict[str, int]) -> dict[str, int]:
@@ -518,35 +537,10 @@ def restore(
     hashes outlives it, whatever fails. Refuses, changing nothing, when rows of other tables point
     at users the backup lacks.
     """
-    manifest = verify_backup(folder)
-    tables = _restore_tables(settings)
-    entries = {entry["table"]: entry for entry in manifest["tables"]}
-    missing = [key for key, _ in tables if key not in entries]
-    if missing:
-        raise MigrationError(f"backup {folder} has no file for {', '.join(missing)}; refusing to restore")
-    loaded: dict[str, int] = {}
+    tables, entries = _backup_entries(folder, settings)
     try:
         with legacy.transaction():
-            staged = [
-                _stage(legacy, live, entries[key], folder, f"user_migration_restore_{n}")
-                for n, (key, live) in enumerate(tables)
-            ]
-            for (key, _), table in zip(tables, staged, strict=True):
-                loaded[key] = table.rows
-            legacy.execute(
-                sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{settings.lock_timeout_ms}ms"))
-            )
-            legacy.execute(
-                sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(sql.SQL(", ").join(t.live for t in staged))
-            )
-            legacy.execute("SET LOCAL lock_timeout = '30s'")
-            for table in staged:
-                _refuse_lost_references(legacy, table, staged)
-            set_legacy_read_only(legacy, settings, None)
-            changes = _apply_difference(legacy, dict(zip(loaded, staged, strict=True)))
-            legacy.execute("SET CONSTRAINTS ALL IMMEDIATE")  # a backup link to a vanished group fails here
-            for table in staged:
-                legacy.execute(sql.SQL("DROP TABLE {}").format(table.staging))
+            loaded, changes = _restore_in(legacy, settings, folder, tables, entries)
     except psycopg.errors.InsufficientPrivilege as exc:
         raise MigrationError(privileges.switch_refusal("restore", legacy, exc)) from None
     except psycopg.errors.LockNotAvailable:
@@ -572,6 +566,56 @@ def restore(
             )
             validation_reuse.note_write(target, "ROLLBACK")
     return {"backup": str(folder), "restored": loaded, "changes": changes}
+
+
+def _backup_entries(
+    folder: Path, settings: Settings
+) -> tuple[list[tuple[str, sql.Identifier]], dict[str, dict[str, Any]]]:
+    """The tables to restore and the verified backup's manifest entry of each; refuses a missing file."""
+    manifest = verify_backup(folder)
+    tables = _restore_tables(settings)
+    entries = {entry["table"]: entry for entry in manifest["tables"]}
+    missing = [key for key, _ in tables if key not in entries]
+    if missing:
+        raise MigrationError(f"backup {folder} has no file for {', '.join(missing)}; refusing to restore")
+    return tables, entries
+
+
+def _restore_in(
+    legacy: psycopg.Connection,
+    settings: Settings,
+    folder: Path,
+    tables: list[tuple[str, sql.Identifier]],
+    entries: dict[str, dict[str, Any]],
+) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """In the caller's transaction: stage, lock, check, apply the difference; (rows loaded, changes)."""
+    staged = [
+        _stage(legacy, live, entries[key], folder, f"user_migration_restore_{n}")
+        for n, (key, live) in enumerate(tables)
+    ]
+    loaded: dict[str, int] = {}
+    for (key, _), table in zip(tables, staged, strict=True):
+        loaded[key] = table.rows
+    _lock_live_tables(legacy, settings, staged)
+    for table in staged:
+        _refuse_lost_references(legacy, table, staged)
+    set_legacy_read_only(legacy, settings, None)
+    changes = _apply_difference(legacy, dict(zip(loaded, staged, strict=True)))
+    legacy.execute("SET CONSTRAINTS ALL IMMEDIATE")  # a backup link to a vanished group fails here
+    for table in staged:
+        legacy.execute(sql.SQL("DROP TABLE {}").format(table.staging))
+    return loaded, changes
+
+
+def _lock_live_tables(legacy: psycopg.Connection, settings: Settings, staged: list[_Staged]) -> None:
+    """Hold the live tables against writes (EXCLUSIVE), waiting at most lock_timeout_ms for them."""
+    legacy.execute(
+        sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{settings.lock_timeout_ms}ms"))
+    )
+    legacy.execute(
+        sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(sql.SQL(", ").join(t.live for t in staged))
+    )
+    legacy.execute("SET LOCAL lock_timeout = '30s'")
 
 
 def _apply_difference(legacy: psycopg.Connection, staged: dict[str, _Staged]) -> dict[str, dict[str, int]]:

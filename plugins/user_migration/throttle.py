@@ -283,47 +283,55 @@ class Throttle:
         if self._privileged is None:
             self._privileged = bool(conn.execute(read_sql("throttle/stats_privilege.sql")).fetchone()[0])
         if wanted_activity:
-            if not self._privileged:
-                self._unreadable(
-                    "active_backends",
-                    "this role sees the state of its own sessions only: active backends and lock waiters "
-                    "count those; grant it pg_monitor to count every session",
-                )
-            active, waiting = conn.execute(read_sql("throttle/legacy_activity.sql")).fetchone()
-            readings.append(
-                Reading(
-                    "active_backends",
-                    active,
-                    s.throttle_active_backends_pause,
-                    s.throttle_active_backends_stop,
-                )
-            )
-            readings.append(
-                Reading("lock_waiters", waiting, s.throttle_lock_waiters_pause, s.throttle_lock_waiters_stop)
-            )
+            readings.extend(self._activity(conn))
         if wanted_lag:
-            if self._privileged:
-                lag = conn.execute(read_sql("throttle/replay_lag.sql")).fetchone()[0]
-                readings.append(
-                    Reading(
-                        "replay_lag",
-                        float(lag),
-                        s.throttle_replay_lag_pause,
-                        s.throttle_replay_lag_stop,
-                        " s",
-                    )
-                )
-            else:
-                self._unreadable(
-                    "replay_lag",
-                    "standby replay lag cannot be read by this role (pg_stat_replication needs "
-                    "pg_read_all_stats): not checked; grant the role pg_monitor to check it",
-                )
+            readings.extend(self._replay_lag(conn))
         if s.throttle_probe_sql:
             value = self._probe(conn, s.throttle_probe_sql)
             if value is not None:
                 readings.append(Reading("probe", value, s.throttle_probe_pause, s.throttle_probe_stop))
         return readings
+
+    def _activity(self, conn: psycopg.Connection) -> list[Reading]:
+        """Active backends and lock waiters (of this role's sessions only, unless it may see all)."""
+        s = self.settings
+        if not self._privileged:
+            self._unreadable(
+                "active_backends",
+                "this role sees the state of its own sessions only: active backends and lock waiters "
+                "count those; grant it pg_monitor to count every session",
+            )
+        active, waiting = conn.execute(read_sql("throttle/legacy_activity.sql")).fetchone()
+        return [
+            Reading(
+                "active_backends",
+                active,
+                s.throttle_active_backends_pause,
+                s.throttle_active_backends_stop,
+            ),
+            Reading("lock_waiters", waiting, s.throttle_lock_waiters_pause, s.throttle_lock_waiters_stop),
+        ]
+
+    def _replay_lag(self, conn: psycopg.Connection) -> list[Reading]:
+        """The standby replay lag, or none when this role may not read it (said once)."""
+        s = self.settings
+        if not self._privileged:
+            self._unreadable(
+                "replay_lag",
+                "standby replay lag cannot be read by this role (pg_stat_replication needs "
+                "pg_read_all_stats): not checked; grant the role pg_monitor to check it",
+            )
+            return []
+        lag = conn.execute(read_sql("throttle/replay_lag.sql")).fetchone()[0]
+        return [
+            Reading(
+                "replay_lag",
+                float(lag),
+                s.throttle_replay_lag_pause,
+                s.throttle_replay_lag_stop,
+                " s",
+            )
+        ]
 
     def _probe(self, conn: psycopg.Connection, query: str) -> float | None:
         """The custom probe's number, read-only and time-limited; None when the role may not run it."""

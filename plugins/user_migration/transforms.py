@@ -253,6 +253,9 @@ class Transformer:
         None: for a reject, any field fix, an address or phone off the fast paths. So it decides
         nothing transform() would not: each test below is one of transform()'s, or implies it, and
         tests/test_transforms.py compares the two on generated rows.
+
+        Left whole on purpose, longer than issue 17's ~60 lines: it runs once per row of the copy's
+        hot loop, where every extra call costs (docs/decisions/0012-copy-hot-loop-and-binary-copy.md).
         """
         username = values[5]
         full_name = values[6]

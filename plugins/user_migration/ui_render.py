@@ -197,77 +197,85 @@ def _history(history: list[dict[str, Any]], page_url: str) -> str:
 
 
 def _readiness(r: dict[str, Any]) -> str:
-    items = []
-    v = r["last_validation"]
-    if v:
-        ok = v["passed"] == v["checks"]
-        items.append(
-            (
-                "last validation",
-                f"<span class={'ok' if ok else 'bad'}>{v['passed']}/{v['checks']} checks passed</span> "
-                f"<br><span class=muted>{escape(v['run_id'])}, {_time(v['validated_at'])}</span>"
-                + ("" if ok else " · failed: " + escape(", ".join(v["failed"]))),
-            )
-        )
-    else:
-        items.append(("last validation", "<span class=warn>none yet</span>"))
-    p = r["last_pass"]
-    if p:
-        delta = " · ".join(f"{k} {_n(p[k])}" for k, _ in HISTORY_SERIES)
-        quiet = not any(p[k] for k in ("inserted", "updated", "removed"))
-        items.append(
-            (
-                "last pass's delta",
-                f"{delta}<br><span class=muted>{escape(p['run_id'])}</span>"
-                + (" <span class=ok>no change</span>" if quiet else ""),
-            )
-        )
-    else:
-        items.append(("last pass's delta", "<span class=warn>no successful pass yet</span>"))
-    lease = r["lease"]
-    items.append(
-        (
-            "writer lease",
-            f"held by {escape(lease['run_id'])} ({escape(lease['dag_id'] or '')} on {escape(lease['hostname'] or '?')}), "
-            f"since {_time(lease['acquired_at'])}, renewed {_time(lease['renewed_at'])}"
-            if lease
-            else "<span class=ok>free</span>",
-        )
-    )
-    t = r["throttle"]
-    items.append(
-        (
-            "throttle",
-            escape(t["state"]) + (f", {t['sleep_ms']} ms between batches" if t["state"] == "slow" else ""),
-        )
-    )
-    cutovers = r["cutovers"]
-    live = [c for c in cutovers if c["state"] in ("active", "switching")]
-    items.append(
-        (
-            "cutover",
-            f"<span class=warn>{escape(live[0]['state'])}</span> since {_time(live[0]['cut_at'])}"
-            if live
-            else "none active (the legacy tables are written)",
-        )
-    )
+    items = [
+        _last_validation_item(r["last_validation"]),
+        _last_pass_item(r["last_pass"]),
+        _lease_item(r["lease"]),
+        _throttle_item(r["throttle"]),
+        _cutover_item(r["cutovers"]),
+    ]
     body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in items)
     table = f"<h2>Cutover readiness</h2><table id=readiness>{body}</table>"
-    if cutovers:
-        rows = "".join(
-            f"<tr><td>{c['id']}</td><td>{escape(c['run_id'])}</td><td>{escape(c['state'])}</td>"
-            f"<td>{_time(c['cut_at'])}</td><td class=n>{_n(c['source_rows'])}</td><td class=n>{_n(c['target_rows'])}</td>"
-            f"<td class=n>{_n(c['rejected_rows'])}</td>"
-            f"<td>{'<span class=ok>match</span>' if c['checksums_match'] else '<span class=bad>differ</span>'}</td>"
-            f"<td class=n>{c['pause_seconds']:.2f} s</td><td>{_time(c['rolled_back_at']) if c['rolled_back_at'] else ''}</td></tr>"
-            for c in cutovers
-        )
-        table += (
-            "<h2>Cutovers and rollbacks</h2><table id=cutovers><tr><th>#</th><th>run</th><th>state</th>"
-            "<th>cut at</th><th>legacy rows</th><th>target rows</th><th>rejected</th><th>checksums</th>"
-            f"<th>write pause</th><th>rolled back at</th></tr>{rows}</table>"
-        )
+    if r["cutovers"]:
+        table += _cutovers_table(r["cutovers"])
     return table
+
+
+def _last_validation_item(v: dict[str, Any] | None) -> tuple[str, str]:
+    if not v:
+        return ("last validation", "<span class=warn>none yet</span>")
+    ok = v["passed"] == v["checks"]
+    return (
+        "last validation",
+        f"<span class={'ok' if ok else 'bad'}>{v['passed']}/{v['checks']} checks passed</span> "
+        f"<br><span class=muted>{escape(v['run_id'])}, {_time(v['validated_at'])}</span>"
+        + ("" if ok else " · failed: " + escape(", ".join(v["failed"]))),
+    )
+
+
+def _last_pass_item(p: dict[str, Any] | None) -> tuple[str, str]:
+    if not p:
+        return ("last pass's delta", "<span class=warn>no successful pass yet</span>")
+    delta = " · ".join(f"{k} {_n(p[k])}" for k, _ in HISTORY_SERIES)
+    quiet = not any(p[k] for k in ("inserted", "updated", "removed"))
+    return (
+        "last pass's delta",
+        f"{delta}<br><span class=muted>{escape(p['run_id'])}</span>"
+        + (" <span class=ok>no change</span>" if quiet else ""),
+    )
+
+
+def _lease_item(lease: dict[str, Any] | None) -> tuple[str, str]:
+    return (
+        "writer lease",
+        f"held by {escape(lease['run_id'])} ({escape(lease['dag_id'] or '')} on {escape(lease['hostname'] or '?')}), "
+        f"since {_time(lease['acquired_at'])}, renewed {_time(lease['renewed_at'])}"
+        if lease
+        else "<span class=ok>free</span>",
+    )
+
+
+def _throttle_item(t: dict[str, Any]) -> tuple[str, str]:
+    return (
+        "throttle",
+        escape(t["state"]) + (f", {t['sleep_ms']} ms between batches" if t["state"] == "slow" else ""),
+    )
+
+
+def _cutover_item(cutovers: list[dict[str, Any]]) -> tuple[str, str]:
+    live = [c for c in cutovers if c["state"] in ("active", "switching")]
+    return (
+        "cutover",
+        f"<span class=warn>{escape(live[0]['state'])}</span> since {_time(live[0]['cut_at'])}"
+        if live
+        else "none active (the legacy tables are written)",
+    )
+
+
+def _cutovers_table(cutovers: list[dict[str, Any]]) -> str:
+    rows = "".join(
+        f"<tr><td>{c['id']}</td><td>{escape(c['run_id'])}</td><td>{escape(c['state'])}</td>"
+        f"<td>{_time(c['cut_at'])}</td><td class=n>{_n(c['source_rows'])}</td><td class=n>{_n(c['target_rows'])}</td>"
+        f"<td class=n>{_n(c['rejected_rows'])}</td>"
+        f"<td>{'<span class=ok>match</span>' if c['checksums_match'] else '<span class=bad>differ</span>'}</td>"
+        f"<td class=n>{c['pause_seconds']:.2f} s</td><td>{_time(c['rolled_back_at']) if c['rolled_back_at'] else ''}</td></tr>"
+        for c in cutovers
+    )
+    return (
+        "<h2>Cutovers and rollbacks</h2><table id=cutovers><tr><th>#</th><th>run</th><th>state</th>"
+        "<th>cut at</th><th>legacy rows</th><th>target rows</th><th>rejected</th><th>checksums</th>"
+        f"<th>write pause</th><th>rolled back at</th></tr>{rows}</table>"
+    )
 
 
 # --- charts ----------------------------------------------------------------------------------------

@@ -163,6 +163,7 @@ def _row_count_only(gxe: Any) -> type:
 
 def _plan(expected_users: int) -> tuple[_Asset, ...]:
     """The assets and their checks (one batch and one GX metric graph per table)."""
+    # Left whole (issue 17): a declarative list of every check, best read top to bottom in one place.
     users_checks = (
         _Check(
             "users_row_count",
