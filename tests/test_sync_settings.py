@@ -173,3 +173,82 @@ def test_the_rollback_task_refuses_a_mapping_other_than_the_cutover_runs(legacy,
         ):
             RollbackOperator(task_id="rollback").run(context, Settings(mapping=mapping), conn)
         assert conn.execute("SELECT state FROM migration_audit.cutovers").fetchone() == ("active",)
+
+
+# --- the rules' code and libraries are part of the transform settings -----------------------------
+
+RULE_MODULES = ("transforms.py", "phone_fast.py", "phone_speedup.py")
+# The code of the rule modules (comments and docstrings aside) that RULES_VERSION was last checked
+# against. When test_a_change_to_the_rule_code_must_be_acknowledged fails: if the change can alter
+# what any legacy row becomes, bump transforms.RULES_VERSION (the next pass re-transforms every row);
+# either way, record the new digest and version here.
+ACKNOWLEDGED_RULES = {
+    "version": 1,
+    "code": "eaa83b5e009498fd17846390959f6417e05b2464eda75185df405cb3b6bdfe03",
+}
+
+
+def rules_code_digest(sources: list[str]) -> str:
+    """sha256 of the modules' syntax trees without docstrings: an edit of a comment or a docstring
+    keeps it, any change to the code changes it."""
+    import ast
+    import hashlib
+
+    digest = hashlib.sha256()
+    for source in sources:
+        tree = ast.parse(source)
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (
+                isinstance(body, list)
+                and body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
+                node.body = body[1:] or [ast.Pass()]
+        digest.update(ast.dump(tree).encode())
+    return digest.hexdigest()
+
+
+def rule_sources() -> list[str]:
+    from pathlib import Path
+
+    import user_migration
+
+    folder = Path(user_migration.__file__).parent
+    return [(folder / name).read_text() for name in RULE_MODULES]
+
+
+def test_a_change_to_the_rule_code_must_be_acknowledged():
+    from user_migration import transforms
+
+    sources = rule_sources()
+    # The digest sees code, not prose: proven on the modules themselves.
+    commented = [s.replace("\nRULES_VERSION = ", "\n# a new comment\nRULES_VERSION = ", 1) for s in sources]
+    assert rules_code_digest(commented) == rules_code_digest(sources)
+    changed = [s.replace("MAX_LENGTH = {", "MAX_LENGTH = {'extra': 1, ", 1) for s in sources]
+    assert rules_code_digest(changed) != rules_code_digest(sources)
+
+    found = {"version": transforms.RULES_VERSION, "code": rules_code_digest(sources)}
+    assert found == ACKNOWLEDGED_RULES, (
+        f"the transform rule code changed ({', '.join(RULE_MODULES)}): if the change can alter what a "
+        "legacy row becomes, bump transforms.RULES_VERSION so the next pass re-transforms every row; "
+        f"then set ACKNOWLEDGED_RULES in this file to {found}"
+    )
+
+
+def test_other_rules_or_library_versions_change_the_transform_fingerprint(monkeypatch):
+    import email_validator
+    import phonenumbers
+
+    from user_migration import transforms
+
+    seen = {NP.transform_fingerprint()}
+    monkeypatch.setattr(phonenumbers, "__version__", "0.0.1")
+    seen.add(NP.transform_fingerprint())
+    monkeypatch.setattr(email_validator, "__version__", "0.0.1")
+    seen.add(NP.transform_fingerprint())
+    monkeypatch.setattr(transforms, "RULES_VERSION", transforms.RULES_VERSION + 1)
+    seen.add(NP.transform_fingerprint())
+    assert len(seen) == 4

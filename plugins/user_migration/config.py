@@ -322,12 +322,16 @@ class Settings:
     def transform_fingerprint(self) -> int:
         """64 bits naming the settings that decide what a legacy row becomes.
 
-        Stored with each row's sync state, so a pass with other settings re-transforms every row
-        instead of only the rows that changed. Links are re-read in full every pass: not included.
+        Stored with each row's sync state, so a pass with other settings, other rules or other
+        library versions (``transforms.rules_identity``) re-transforms every row instead of only the
+        rows that changed. Links are re-read in full every pass: not included.
         """
+        from user_migration.transforms import rules_identity
+
         mapping = self.mapping
         text = json.dumps(
             {
+                **rules_identity(),
                 "phone_region": self.phone_region,
                 "invalid_phone": self.invalid_phone,
                 "schema": mapping.schema,
