@@ -188,3 +188,24 @@ def test_a_deleted_reject_above_every_legacy_id_does_not_block_the_cutover(legac
     with psycopg.connect(legacy) as conn:
         assert conn.execute(state, (top,)).fetchone() is None
         assert active_cutover(conn)["run_id"] == "pass-3"
+
+
+def test_a_session_holding_the_new_tables_is_named_not_the_legacy_tables(legacy, backup_dir):
+    """The cutover locks the new tables first (on the target): a session writing them there keeps it
+    from starting. The refusal names those tables and that session, not the legacy tables."""
+    validated_pass(legacy, "pass-1", backup_dir)
+    blocker = psycopg.connect(legacy, application_name="hand-fix")
+    blocker.execute("UPDATE account_newuser SET full_name = full_name WHERE id = 1")  # open transaction
+    try:
+        with pytest.raises(CutoverRefused) as refused:
+            cutover(legacy, "pass-1", lock_timeout_ms=200, attempts=2, backoff_seconds=0.1)
+    finally:
+        blocker.rollback()
+        blocker.close()
+    message = str(refused.value)
+    assert message.startswith("cutover gave up: the new tables (account_newuser, "), message
+    assert "could not be locked within 200 ms in 2 attempts" in message and "hand-fix" in message
+    assert "the legacy tables stay writable" in message
+    with psycopg.connect(legacy) as conn:
+        assert active_cutover(conn) is None
+        conn.execute("UPDATE account_user SET full_name = 'Writable' WHERE id = 1")

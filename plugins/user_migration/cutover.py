@@ -160,10 +160,9 @@ def set_legacy_read_only(legacy: psycopg.Connection, settings: Settings, run_id:
             )
 
 
-def _lock_holders(conn: psycopg.Connection, settings: Settings) -> str:
+def _lock_holders(conn: psycopg.Connection, tables: list[sql.Identifier]) -> str:
     oids = [
-        conn.execute("SELECT %s::regclass::oid", (table.as_string(conn),)).fetchone()[0]
-        for table in legacy_tables(settings)
+        conn.execute("SELECT %s::regclass::oid", (table.as_string(conn),)).fetchone()[0] for table in tables
     ]
     rows = conn.execute(read_sql("cutover/legacy_lock_holders.sql"), {"tables": oids}).fetchall()
     if not rows:
@@ -189,8 +188,9 @@ def run_cutover(
     resolve_pending(legacy, target, settings)
     _check_ready(job)
     for attempt in range(1, options.attempts + 1):
+        locking: list[str] = []  # which tables the attempt was locking when it failed
         try:
-            return _attempt(job, attempt)
+            return _attempt(job, attempt, locking)
         except psycopg.errors.InsufficientPrivilege as exc:
             action = "cutover rehearsal" if options.dry_run else "cutover"
             raise CutoverRefused(privileges.switch_refusal(action, legacy, exc)) from None
@@ -198,20 +198,45 @@ def run_cutover(
             # A deadlock: an application transaction wrote one legacy table, the cutover locked
             # another, then each waited for the other's. PostgreSQL aborts the cutover's attempt
             # (it waited first), the application's transaction goes on, and the next attempt locks.
-            holders = _lock_holders(legacy, settings)
             if attempt == options.attempts:
-                why = (
-                    "deadlocked with an application transaction each time"
-                    if isinstance(exc, psycopg.errors.DeadlockDetected)
-                    else f"could not be locked within {options.lock_timeout_ms} ms"
-                )
-                raise CutoverRefused(
-                    f"cutover gave up: the legacy tables {why} "
-                    f"in {options.attempts} attempts ({holders}). Nothing was changed and the tables stay "
-                    "writable; retry when the application is quieter, or raise lock_timeout_ms"
-                ) from None
+                raise CutoverRefused(_gave_up(job, exc, locking[-1] if locking else "legacy")) from None
             time.sleep(options.backoff_seconds * 2 ** (attempt - 1))
     raise AssertionError("unreachable")
+
+
+def _gave_up(job: _Job, exc: psycopg.Error, locking: str) -> str:
+    """Why the last attempt failed, naming the tables it waited for and who held them.
+
+    ``locking``: "new" (the new tables, on the target), "legacy" (the legacy tables) or "held" (a
+    lock needed while the legacy tables were held, under the 30 s timeout of that step).
+    """
+    attempts = job.options.attempts
+    timeout = "30 s" if locking == "held" else f"{job.options.lock_timeout_ms} ms"
+    why = (
+        "deadlocked with another transaction each time"
+        if isinstance(exc, psycopg.errors.DeadlockDetected)
+        else f"could not be locked within {timeout}"
+    )
+    if locking == "new":
+        holders = _lock_holders(job.target, [sql.Identifier(name) for name in NEW_TABLES])
+        return (
+            f"cutover gave up: the new tables ({', '.join(NEW_TABLES)}) {why} in {attempts} attempts "
+            f"({holders}). Nothing was changed and the legacy tables stay writable; nothing but the "
+            "migration should write the new tables before the cutover: end those sessions, then retry"
+        )
+    if locking == "held":
+        return (
+            f"cutover gave up: while it held the legacy tables, a table it needed {why} (last of "
+            f"{attempts} attempts). Nothing was changed and the legacy tables stay writable; look for "
+            "long transactions on the target database, then retry"
+        )
+    why = why.replace("another transaction", "an application transaction")
+    holders = _lock_holders(job.legacy, legacy_tables(job.settings))
+    return (
+        f"cutover gave up: the legacy tables {why} in {attempts} attempts ({holders}). Nothing was "
+        "changed and the tables stay writable; retry when the application is quieter, or raise "
+        "lock_timeout_ms"
+    )
 
 
 def _check_ready(job: _Job) -> None:
@@ -267,12 +292,14 @@ class _Unlocked:
     seen: list[int]
 
 
-def _attempt(job: _Job, attempt: int) -> dict[str, Any]:
+def _attempt(job: _Job, attempt: int, locking: list[str]) -> dict[str, Any]:
     legacy, target, options = job.legacy, job.target, job.options
     with legacy.transaction(force_rollback=options.dry_run):
         with nullcontext() if job.same else target.transaction(force_rollback=options.dry_run):
+            locking.append("new")
             ready = _before_the_lock(job)
             # Writes queue behind the lock from the moment it is asked for, not only once it is held.
+            locking.append("legacy")
             requested = time.monotonic()
             legacy.execute(
                 sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(
@@ -280,6 +307,7 @@ def _attempt(job: _Job, attempt: int) -> dict[str, Any]:
                 )
             )
             locked = time.monotonic()
+            locking.append("held")
             _set_lock_timeout(job, "30s")
             entries = _last_entries(job)
             final = _apply(job, [e for e in entries if e[2] is not None], f"{job.run_id}:cutover")

@@ -1,5 +1,5 @@
--- Sessions holding locks that keep the cutover from locking the legacy tables (no query text: it
--- may quote user data). %(tables)s: the legacy tables' regclass oids.
+-- Sessions holding locks that keep the cutover from locking its tables (no query text: it
+-- may quote user data). %(tables)s: the tables' regclass oids.
 SELECT DISTINCT a.pid, coalesce(nullif(a.application_name, ''), '?') AS application_name, a.state,
        round(extract(epoch FROM now() - a.xact_start))::int AS transaction_seconds
 FROM pg_locks AS l
