@@ -107,7 +107,7 @@ def reconcile(conn: psycopg.Connection, run_id: str) -> dict[str, Any]:
     ).fetchone()
     rejected = dict(
         conn.execute(
-            "SELECT reason, count(*) FROM migration_audit.rejected_rows WHERE run_id = %s GROUP BY reason "
+            "SELECT reason, count(*) FROM migration_audit.run_rejects WHERE run_id = %s GROUP BY reason "
             "ORDER BY reason",
             (run_id,),
         ).fetchall()

@@ -12,6 +12,8 @@ Three paths:
 - delta merge (every later sync pass): a hash of each legacy row, computed in SQL and compared with
   migration_audit.source_state, finds the new, changed and deleted rows; only those, the rows
   rejected last time and the rows whose duplicate decision changed are read and transformed.
+  A pass that reads the change log instead (log) carries the unchanged rejects over by reference
+  when reading them again could only give the same answer (copy/carry_rejects.sql, decision 0013).
   A range whose state was written under other transform settings (phone region, invalid-phone
   rule, mapping) takes the full merge instead: every row is transformed again. Ids where the
   state and the target disagree (drift: a target row deleted by hand, a displaced holder, a row
@@ -49,8 +51,10 @@ from user_migration.faults import batch_read, kill_after_batch
 from user_migration.lease import hold as hold_lease
 from user_migration.throttle import BatchSizer, Snapshot, Throttle
 from user_migration.transforms import (
+    DOB_IN_FUTURE,
     DUPLICATE_EMAIL,
     DUPLICATE_USERNAME,
+    INVALID_DATE_OF_BIRTH,
     LegacyRow,
     NewUser,
     Reject,
@@ -433,10 +437,13 @@ def _clear_attempt(job: _Job) -> None:
             ).format(sql.Identifier(table)),
             (job.run_id, job.lo, job.hi),
         )
-    job.target.execute(
-        "DELETE FROM migration_audit.batches WHERE run_id = %s AND partition_no = %s",
-        (job.run_id, job.result.partition_no),
-    )
+    for table in ("batches", "carried_rejects"):
+        job.target.execute(
+            sql.SQL("DELETE FROM migration_audit.{} WHERE run_id = %s AND partition_no = %s").format(
+                sql.Identifier(table)
+            ),
+            (job.run_id, job.result.partition_no),
+        )
 
 
 def _choose_path(job: _Job) -> str:
@@ -513,19 +520,21 @@ def _rows_to_read(job: _Job) -> _Rows:
     log_ids: list[int] = []
     if job.partition.get("capture") and path != "changes":
         result.consumed, log_ids = capture.entries_in_range(source, mapping, lo, hi)
-    if path in ("delta", "log"):
+    if path == "delta":
         drift = _drift(target, lo, hi)
-        reread = _losers(target, job.run_id, lo, hi).keys() | drift
-        if path == "delta":
-            process, deleted, result.unchanged, result.rows_in = _delta(
-                source, target, mapping, lo, hi, reread
-            )
-        else:
-            process, deleted, result.rows_in = _from_log(source, target, mapping, (lo, hi), log_ids, reread)
-            result.unchanged = result.rows_in - len(process)
-        deleted += _target_only(drift, process, deleted)
         result.drift_repaired = len(drift)
-        return _Rows(process, deleted)
+        reread = _losers(target, job.run_id, lo, hi).keys() | drift
+        process, deleted, result.unchanged, result.rows_in = _delta(source, target, mapping, lo, hi, reread)
+        return _Rows(process, deleted + _target_only(drift, process, deleted))
+    if path == "log":
+        drift = _drift(target, lo, hi)
+        result.drift_repaired = len(drift)
+        carried = _carry_rejects(job, sorted({*log_ids, *drift}))
+        process, deleted, result.rows_in = _from_log(
+            source, target, mapping, (lo, hi), log_ids, carried.reread | drift
+        )
+        result.unchanged = result.rows_in - len(process) - carried.count
+        return _Rows(process, deleted + _target_only(drift, process, deleted))
     if path == "changes":
         process, deleted = _split_changes(source, target, mapping, job.partition["ids"])
         result.rows_in = len(process)
@@ -851,16 +860,11 @@ def _from_log(
     """(ids to read and transform, ids deleted from the legacy table, legacy rows in range).
 
     The same rows the hash comparison of _delta would pick, found without reading the unchanged
-    ones: those the change log names, the rows rejected last time, and ``reread`` (the plan's
-    duplicate losers, drift).
+    ones: those the change log names and ``reread`` (the rejects and duplicate losers this pass does
+    not carry over, drift); the rejects carried over (_carry_rejects) give the same answer unread.
     """
     lo, hi = bounds
-    rejected = target.execute(
-        "SELECT source_id FROM migration_audit.source_state "
-        "WHERE outcome = 'R' AND source_id BETWEEN %s AND %s",
-        (lo, hi),
-    ).fetchall()
-    candidates = sorted({*log_ids, *(row[0] for row in rejected), *reread})
+    candidates = sorted({*log_ids, *reread})
     present = _present(source, mapping, candidates)
     deleted = _known(target, [i for i in candidates if i not in present])
     id_column = sql.Identifier(mapping.column("id"))
@@ -869,6 +873,59 @@ def _from_log(
         (lo, hi),
     ).fetchone()[0]
     return sorted(present), deleted, rows_in
+
+
+@dataclass
+class _Carried:
+    """Rejects a log pass takes over unread (count), and the rejects and losers it reads again (reread)."""
+
+    count: int
+    reread: set[int]
+
+
+def _carry_rejects(job: _Job, changed: list[int]) -> _Carried:
+    """Carry the range's unchanged rejects over by reference (copy/carry_rejects.sql says which).
+
+    They count in this pass's rejects, by the reason their reading run recorded, and are listed in
+    migration_audit.carried_rejects (read through the view run_rejects). ``changed``: the ids the
+    change log names and drift, read again whatever they were.
+    """
+    target, result = job.target, job.result
+    target.execute("DROP TABLE IF EXISTS carried")
+    target.execute(
+        read_sql("copy/carry_rejects.sql"),
+        {
+            "run_id": job.run_id,
+            "lo": job.lo,
+            "hi": job.hi,
+            "reread": changed,
+            "transform_settings": job.transform_settings,
+            "dob_reason": INVALID_DATE_OF_BIRTH,
+            "dob_future": DOB_IN_FUTURE,
+            "as_of": job.partition["as_of"],
+        },
+    )
+    target.execute(
+        "INSERT INTO migration_audit.carried_rejects (run_id, partition_no, from_run_id, source_ids) "
+        "SELECT %s, %s, from_run_id, array_agg(source_id ORDER BY source_id) FROM carried GROUP BY from_run_id",
+        (job.run_id, result.partition_no),
+    )
+    count = 0
+    for reason, n in target.execute("SELECT reason, count(*) FROM carried GROUP BY reason ORDER BY reason"):
+        result.rejected += n
+        result.rejected_by_reason[reason] = result.rejected_by_reason.get(reason, 0) + n
+        count += n
+    # The range's other rejects and the plan's losers not carried: read again.
+    reread = target.execute(
+        "SELECT source_id FROM migration_audit.source_state AS s "
+        "WHERE outcome = 'R' AND source_id BETWEEN %(lo)s AND %(hi)s "
+        "AND NOT EXISTS (SELECT 1 FROM carried AS c WHERE c.source_id = s.source_id) "
+        "UNION SELECT source_id FROM migration_audit.plan_duplicates AS d "
+        "WHERE run_id = %(run_id)s AND source_id BETWEEN %(lo)s AND %(hi)s "
+        "AND NOT EXISTS (SELECT 1 FROM carried AS c WHERE c.source_id = d.source_id)",
+        {"lo": job.lo, "hi": job.hi, "run_id": job.run_id},
+    ).fetchall()
+    return _Carried(count, {row[0] for row in reread})
 
 
 def _split_changes(

@@ -358,3 +358,23 @@ CREATE TABLE IF NOT EXISTS migration_audit.suite_runs (
     seconds      double precision NULL,
     recorded_at  timestamptz NOT NULL DEFAULT clock_timestamp()
 );
+-- A pass's rejects it did not read again (decision 0013): unchanged legacy rows whose reject the
+-- pass takes over from the run that last read them (from_run_id, the run whose rejected_rows holds
+-- the row, its reason and detail), by reference: one row per partition and run taken from.
+CREATE TABLE IF NOT EXISTS migration_audit.carried_rejects (
+    run_id        text NOT NULL,
+    partition_no  integer NOT NULL,
+    from_run_id   text NOT NULL,
+    source_ids    bigint[] NOT NULL,
+    PRIMARY KEY (run_id, partition_no, from_run_id)
+);
+-- Every run's rejects, read or carried: what a run's accounting, report and page count. A carried
+-- row keeps the reason, detail, source row and time of the run that read it (recorded_by).
+CREATE OR REPLACE VIEW migration_audit.run_rejects AS
+SELECT r.run_id, r.source_id, r.reason, r.detail, r.source_row, r.rejected_at, r.run_id AS recorded_by
+FROM migration_audit.rejected_rows AS r
+UNION ALL
+SELECT c.run_id, r.source_id, r.reason, r.detail, r.source_row, r.rejected_at, c.from_run_id
+FROM migration_audit.carried_rejects AS c
+CROSS JOIN LATERAL unnest(c.source_ids) AS i (source_id)
+JOIN migration_audit.rejected_rows AS r ON r.run_id = c.from_run_id AND r.source_id = i.source_id;
