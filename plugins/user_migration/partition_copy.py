@@ -135,6 +135,9 @@ class PartitionResult:
     holders_updated: int = 0
     # Ids whose sync state and target row disagreed (find_drift.sql), re-processed by this pass.
     drift_repaired: int = 0
+    # When the partition compared sync state and target in full: the other writes noted then
+    # (copy/drift_due.sql); None when a log pass left the comparison out, or none applies.
+    drift_writes: int | None = None
     rejected: int = 0
     fixed: int = 0
     links_in: int = 0
@@ -521,14 +524,12 @@ def _rows_to_read(job: _Job) -> _Rows:
     if job.partition.get("capture") and path != "changes":
         result.consumed, log_ids = capture.entries_in_range(source, mapping, lo, hi)
     if path == "delta":
-        drift = _drift(target, lo, hi)
-        result.drift_repaired = len(drift)
+        drift = _drift_checked(job)
         reread = _losers(target, job.run_id, lo, hi).keys() | drift
         process, deleted, result.unchanged, result.rows_in = _delta(source, target, mapping, lo, hi, reread)
         return _Rows(process, deleted + _target_only(drift, process, deleted))
     if path == "log":
-        drift = _drift(target, lo, hi)
-        result.drift_repaired = len(drift)
+        drift = _drift_checked(job) if _drift_due(job) else set()
         carried = _carry_rejects(job, sorted({*log_ids, *drift}))
         process, deleted, result.rows_in = _from_log(
             source, target, mapping, (lo, hi), log_ids, carried.reread | drift
@@ -666,6 +667,37 @@ def _transform_changed(target: psycopg.Connection, lo: int, hi: int, transform_s
         "AND transform_settings IS DISTINCT FROM %s)",
         (lo, hi, transform_settings),
     ).fetchone()[0]
+
+
+# account_newuser's write triggers (include/sql/validation/install_write_triggers.sql).
+WRITE_TRIGGERS = 4
+
+
+def _drift_due(job: _Job) -> bool:
+    """Whether a log pass must compare sync state and target over its whole range (decision 0013).
+
+    Only a write to the target that no partition made can make them disagree. It is left out while
+    the last run that compared everything stands: the same count of other writes noted since, and
+    the write triggers in place. Param full_reconcile (a delta pass) always compares.
+    """
+    triggers, foreign, verified = job.target.execute(read_sql("copy/drift_due.sql")).fetchone()
+    return (
+        job.settings.full_reconcile or triggers != WRITE_TRIGGERS or verified is None or foreign != verified
+    )
+
+
+def _drift_checked(job: _Job) -> set[int]:
+    """The range's drifted ids (find_drift.sql), with the other writes noted as it compared."""
+    job.result.drift_writes = job.target.execute(read_sql("copy/drift_due.sql")).fetchone()[1]
+    drift = _drift(job.target, job.lo, job.hi)
+    job.result.drift_repaired = len(drift)
+    return drift
+
+
+def record_drift_check(target: psycopg.Connection, run_id: str) -> bool:
+    """Once every partition of the run has copied: whether each compared everything, which makes the
+    run the drift comparison's proof for the next passes (copy/record_drift_check.sql)."""
+    return target.execute(read_sql("copy/record_drift_check.sql"), {"run_id": run_id}).fetchone() is not None
 
 
 def _drift(target: psycopg.Connection, lo: int, hi: int) -> set[int]:

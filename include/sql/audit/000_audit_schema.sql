@@ -378,3 +378,16 @@ SELECT c.run_id, r.source_id, r.reason, r.detail, r.source_row, r.rejected_at, c
 FROM migration_audit.carried_rejects AS c
 CROSS JOIN LATERAL unnest(c.source_ids) AS i (source_id)
 JOIN migration_audit.rejected_rows AS r ON r.run_id = c.from_run_id AND r.source_id = i.source_id;
+-- The drift comparison's proof (decision 0013): the partition's transaction id (its own writes to
+-- the target are noted in target_writes under it, so they are not someone else's), and, when it
+-- compared sync state and target in full, the count of other writes noted at that moment.
+ALTER TABLE migration_audit.partitions ADD COLUMN IF NOT EXISTS xid xid8 NULL;
+ALTER TABLE migration_audit.partitions ADD COLUMN IF NOT EXISTS drift_writes bigint NULL;
+-- A run whose every partition compared sync state and target in full: from then on, while no other
+-- write is noted (foreign_writes unchanged) and the write triggers stay in place, the target has
+-- not drifted from the state, and a pass reading the change log leaves the comparison out.
+CREATE TABLE IF NOT EXISTS migration_audit.drift_checks (
+    run_id          text PRIMARY KEY,
+    foreign_writes  bigint NOT NULL,
+    checked_at      timestamptz NOT NULL DEFAULT clock_timestamp()
+);
