@@ -547,71 +547,122 @@ def _copy_batches(
     job: _Job, rows: _Rows, snapshot: Snapshot, users_copy: sql.Composed | None, stamps: tuple
 ) -> list[int]:
     """Read, transform and write batch after batch, yielding to the throttle; returns the rejected ids."""
-    source, result, settings, run_id = job.source, job.result, job.settings, job.run_id
-    no = result.partition_no
-    reader: _RangeReader | _IdReader
-    if rows.process is not None:
-        reader = _IdReader(source, snapshot, job.select, job.id_column, rows.process)
-    else:
-        reader = _RangeReader(
-            source, snapshot, job.select, job.id_column, (job.lo, job.hi), f"partition_{no}"
-        )
-    legacy_names = _legacy_names(settings)
-    state_tail = (run_id, job.transform_settings)
-    rejected_ids: list[int] = []
+    reader = _open_reader(job, rows, snapshot)
+    out_spec = _Output(users_copy, stamps, (job.run_id, job.transform_settings), _legacy_names(job.settings))
     claims = Claims() if job.path == "changes" else None
-    sizer = BatchSizer(settings, adaptive=job.own_snapshot)
+    sizer = BatchSizer(job.settings, adaptive=job.own_snapshot)
     planned = None if rows.process is None else len(rows.process)
     job.throttle.progress(job.path, 0, planned, 0, force=True)
-    binary: bool | None = None  # decided on the first batch's column types
+    rejected_ids: list[int] = []
+    batch_no = 0
     with job.target.cursor() as out:
-        batch_no = 0
         waited = job.throttle.gate(reader.release)  # a pause set before the start holds it too
         while True:
             if batch_no and snapshot.expired():
                 reader.release()  # the next fetch goes on from the last id, in a new snapshot
-            asked = sizer.size
-            batch_started = time.perf_counter()
+            asked, started = sizer.size, time.perf_counter()
             fetched = reader.fetch(asked)
             if not fetched:
                 break
-            batch_read(batch_no, fetched)
-            if binary is None:
-                binary = binary_copy_ok(reader.description)
-            # The plan's losers of this batch only (rows come in id order): memory stays
-            # bounded by the batch, however many duplicates the partition holds.
-            losers = _losers(job.target, run_id, fetched[0][0], fetched[-1][0])
-            batch = _transform_batch(
-                fetched, job.transformer, losers, legacy_names, run_id, job.now, result, claims
-            )
+            batch = _copy_one_batch(job, out, out_spec, reader, fetched, batch_no, claims)
             if job.path in MERGING:
                 rejected_ids += batch.rejected_ids
-            _write_batch(out, batch, users_copy, stamps, job.path, state_tail, binary)
-            seconds = time.perf_counter() - batch_started
-            out.execute(
-                read_sql("copy/record_batch.sql"),
-                (
-                    run_id,
-                    no,
-                    batch_no,
-                    fetched[0][0],
-                    fetched[-1][0],
-                    len(fetched),
-                    len(batch.good),
-                    len(batch.rejects),
-                    seconds,
-                    asked,
-                    snapshot.number,
-                    round(waited, 3),
-                ),
-            )
+            seconds = time.perf_counter() - started
+            _record_batch(out, job, batch_no, fetched, batch, (seconds, asked, snapshot.number, waited))
             sizer.record(len(fetched), seconds)
             kill_after_batch(batch_no)
             batch_no += 1
-            result.read += len(fetched)
-            job.throttle.progress(job.path, result.read, planned, batch_no)
+            job.result.read += len(fetched)
+            job.throttle.progress(job.path, job.result.read, planned, batch_no)
             waited = job.throttle.gate(reader.release)
-        result.batches = batch_no
+    _finish_reading(job, reader, snapshot, rows, batch_no, planned)
+    return rejected_ids
+
+
+@dataclass
+class _Output:
+    """How a partition writes its batches: the users' COPY (None: no users written), the load's time
+    stamps, the load's state tail (run id, transform settings), the legacy column names (rejects),
+    and whether in binary (decided on the first batch's column types)."""
+
+    users_copy: sql.Composed | None
+    stamps: tuple
+    state_tail: tuple[str, int]
+    legacy_names: list[str]
+    binary: bool | None = None
+
+
+def _open_reader(job: _Job, rows: _Rows, snapshot: Snapshot) -> _RangeReader | _IdReader:
+    """The listed ids' reader (a delta, the log, a change set), else the whole range's."""
+    if rows.process is not None:
+        return _IdReader(job.source, snapshot, job.select, job.id_column, rows.process)
+    name = f"partition_{job.result.partition_no}"
+    return _RangeReader(job.source, snapshot, job.select, job.id_column, (job.lo, job.hi), name)
+
+
+def _copy_one_batch(
+    job: _Job,
+    out: psycopg.Cursor,
+    spec: _Output,
+    reader: _RangeReader | _IdReader,
+    fetched: list[tuple],
+    batch_no: int,
+    claims: Claims | None,
+) -> _Batch:
+    """Transform one batch of legacy rows and COPY it out."""
+    batch_read(batch_no, fetched)
+    if spec.binary is None:
+        spec.binary = binary_copy_ok(reader.description)
+    # The plan's losers of this batch only (rows come in id order): memory stays bounded by the
+    # batch, however many duplicates the partition holds.
+    losers = _losers(job.target, job.run_id, fetched[0][0], fetched[-1][0])
+    batch = _transform_batch(
+        fetched, job.transformer, losers, spec.legacy_names, job.run_id, job.now, job.result, claims
+    )
+    _write_batch(out, batch, spec.users_copy, spec.stamps, job.path, spec.state_tail, spec.binary)
+    return batch
+
+
+def _record_batch(
+    out: psycopg.Cursor,
+    job: _Job,
+    batch_no: int,
+    fetched: list[tuple],
+    batch: _Batch,
+    timing: tuple[float, int, int, float],
+) -> None:
+    """The batch's row in migration_audit.batches; ``timing``: (seconds, size asked, snapshot, waited)."""
+    seconds, asked, snapshot_no, waited = timing
+    out.execute(
+        read_sql("copy/record_batch.sql"),
+        (
+            job.run_id,
+            job.result.partition_no,
+            batch_no,
+            fetched[0][0],
+            fetched[-1][0],
+            len(fetched),
+            len(batch.good),
+            len(batch.rejects),
+            seconds,
+            asked,
+            snapshot_no,
+            round(waited, 3),
+        ),
+    )
+
+
+def _finish_reading(
+    job: _Job,
+    reader: _RangeReader | _IdReader,
+    snapshot: Snapshot,
+    rows: _Rows,
+    batch_no: int,
+    planned: int | None,
+) -> None:
+    """Close the reader, keep a snapshot for the merge and the links, and fill in the reading's counts."""
+    result = job.result
+    result.batches = batch_no
     job.throttle.progress(job.path, result.read, planned, batch_no, force=True)
     reader.close()
     snapshot.ensure()  # the merge and the links read on in the last snapshot
@@ -619,7 +670,6 @@ def _copy_batches(
     result.throttled_seconds = round(job.throttle.waited, 3)
     if rows.process is None:
         result.rows_in = result.read
-    return rejected_ids
 
 
 def _merge_and_link(job: _Job, rows: _Rows, rejected_ids: list[int]) -> None:
@@ -1126,8 +1176,41 @@ def _settle_conflicts(
     conflicts = target.execute(read_sql("copy/find_key_conflicts.sql")).fetchall()
     if not conflicts:
         return
-    mapping = settings.mapping
+    select = _legacy_rows_sql(settings.mapping)
     holders = sorted({holder for holder, _, _, _ in conflicts})
+    stale, valid_users = _stale_holders(source, target, transformer, select, holders, run_id)
+    if stale:
+        # Still-valid holders move out of the way in place; the rest (and any that cannot) leave.
+        result.holders_updated = _update_in_place(
+            target, [valid_users[h] for h in stale if h in valid_users], now
+        )
+        result.displaced = target.execute(
+            read_sql("copy/displace_stale_holders.sql"), {"ids": stale}
+        ).rowcount
+    losing = _losing_staged(conflicts, set(stale))
+    if losing:
+        _reject_for_this_pass(source, target, settings, result, select, losing, run_id, now)
+
+
+def _legacy_rows_sql(mapping: LegacyMapping) -> sql.Composed:
+    """The legacy users of a list of ids (%s), in legacy_select_list's columns."""
+    return sql.SQL("SELECT {} FROM {} WHERE {} = ANY(%s)").format(
+        legacy_select_list(mapping), users_table(mapping), sql.Identifier(mapping.column("id"))
+    )
+
+
+def _stale_holders(
+    source: psycopg.Connection,
+    target: psycopg.Connection,
+    transformer: Transformer,
+    select: sql.Composed,
+    holders: list[int],
+    run_id: str,
+) -> tuple[list[int], dict[int, NewUser]]:
+    """(holders whose keys in the target are not their legacy row's any more, valid holders' users).
+
+    A holder is valid when its legacy row transforms and the plan did not make it a loser.
+    """
     current = {
         holder: (email_key(email), username)
         for holder, email, username in target.execute(
@@ -1141,9 +1224,6 @@ def _settle_conflicts(
             (run_id, holders),
         ).fetchall()
     }
-    select = sql.SQL("SELECT {} FROM {} WHERE {} = ANY(%s)").format(
-        legacy_select_list(mapping), users_table(mapping), sql.Identifier(mapping.column("id"))
-    )
     still_valid: dict[int, tuple[str, str]] = {}
     valid_users: dict[int, NewUser] = {}
     for values in source.execute(select, (holders,)).fetchall():
@@ -1151,14 +1231,11 @@ def _settle_conflicts(
         if user is not None and user.id not in holder_losers:
             still_valid[user.id] = (email_key(user.email), user.username)
             valid_users[user.id] = user
-    stale = [h for h in holders if still_valid.get(h) != current.get(h)]
-    if stale:
-        # Still-valid holders move out of the way in place; the rest (and any that cannot) leave.
-        moving = [valid_users[h] for h in stale if h in valid_users]
-        result.holders_updated = _update_in_place(target, moving, now)
-        result.displaced = target.execute(
-            read_sql("copy/displace_stale_holders.sql"), {"ids": stale}
-        ).rowcount
+    return [h for h in holders if still_valid.get(h) != current.get(h)], valid_users
+
+
+def _losing_staged(conflicts: list[tuple], stale: set[int]) -> dict[int, tuple[str, str, int]]:
+    """Staged users whose key a real (not stale) holder keeps: id -> (reason, detail, holder)."""
     losing: dict[int, tuple[str, str, int]] = {}
     for holder, staged, same_email, _ in conflicts:
         if holder not in stale and staged not in losing:
@@ -1170,8 +1247,20 @@ def _settle_conflicts(
                 f"same {field_name} as user {holder}, which holds it; decided again next pass",
                 holder,
             )
-    if not losing:
-        return
+    return losing
+
+
+def _reject_for_this_pass(
+    source: psycopg.Connection,
+    target: psycopg.Connection,
+    settings: Settings,
+    result: PartitionResult,
+    select: sql.Composed,
+    losing: dict[int, tuple[str, str, int]],
+    run_id: str,
+    now: dt.datetime,
+) -> None:
+    """The losing staged users leave the stage and the target; their state, fixes and rejects follow."""
     ids = sorted(losing)
     target.execute("DELETE FROM stage_users WHERE id = ANY(%s)", (ids,))
     result.removed += target.execute("DELETE FROM account_newuser WHERE id = ANY(%s)", (ids,)).rowcount
