@@ -12,7 +12,7 @@ import pytest
 from support import fixture_users as fx
 from support.pipeline import run_stages, snapshot
 
-from user_migration import audit
+from user_migration import audit, partition_copy
 from user_migration.config import Settings
 
 SETTINGS = Settings(partitions=3, batch_size=5)
@@ -103,3 +103,78 @@ def test_the_validate_task_fails_naming_the_drift(legacy, monkeypatch):
             "WHERE run_id = 'first' AND expectation = 'no_sync_drift'"
         ).fetchone()
     assert stored == (False, {"missing": 0, "rejected": 0, "unknown": 1})
+
+
+def compared(dsn: str, run_id: str) -> list[bool]:
+    """Per partition of ``run_id``: whether it compared sync state and target in full."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT drift_writes IS NOT NULL FROM migration_audit.partitions WHERE run_id = %s ORDER BY partition_no",
+            (run_id,),
+        ).fetchall()
+    return [row[0] for row in rows]
+
+
+def no_comparison(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("this pass must not compare sync state and target in full")
+
+    monkeypatch.setattr(partition_copy, "_drift", refuse)
+
+
+def test_after_a_full_comparison_log_passes_leave_it_out_whatever_they_write(legacy, backup_dir, monkeypatch):
+    """The write triggers were (re)installed after "first": "second" compares everything and
+    becomes the proof. The next passes leave the comparison out, also after their own writes."""
+    run_stages(legacy, legacy, SETTINGS, "second", backup_dir)
+    assert compared(legacy, "second") == [True, True, True]
+    no_comparison(monkeypatch)
+    with psycopg.connect(legacy) as conn:
+        conn.execute("UPDATE account_user SET full_name = 'Alice Changed' WHERE id = 1")
+    assert run_stages(legacy, legacy, SETTINGS, "third", backup_dir)["updated"] == 1  # a target write
+    run_stages(legacy, legacy, SETTINGS, "fourth", backup_dir)
+    assert compared(legacy, "third") == compared(legacy, "fourth") == [False, False, False]
+
+
+def test_a_hand_edit_after_the_proof_is_found_and_repaired(legacy, backup_dir):
+    run_stages(legacy, legacy, SETTINGS, "second", backup_dir)
+    before = snapshot(legacy)
+    with psycopg.connect(legacy) as conn:
+        conn.execute("DELETE FROM account_newuser WHERE id = 1")
+    result = run_stages(legacy, legacy, SETTINGS, "third", backup_dir)
+    assert result["drift_repaired"] == 1 and snapshot(legacy) == before
+    assert compared(legacy, "third") == [True, True, True]
+
+
+def test_a_write_with_a_trigger_disabled_is_found_and_repaired(legacy, backup_dir):
+    run_stages(legacy, legacy, SETTINGS, "second", backup_dir)
+    before = snapshot(legacy)
+    with psycopg.connect(legacy) as conn:
+        conn.execute("ALTER TABLE account_newuser DISABLE TRIGGER user_migration_writes_delete")
+        conn.execute("DELETE FROM account_newuser WHERE id = 1")  # not noted
+    result = run_stages(legacy, legacy, SETTINGS, "third", backup_dir)
+    assert result["drift_repaired"] == 1 and snapshot(legacy) == before
+
+
+def test_drift_the_triggers_missed_is_repaired_after_the_validation_finds_it(legacy, backup_dir, monkeypatch):
+    """A trigger disabled and enabled again leaves no trace: the validation's full comparison finds
+    the drift and notes it, so the next pass compares and repairs rather than leaves it."""
+    from user_migration.errors import ValidationFailed
+    from user_migration.hooks import MigrationDbHook
+    from user_migration.operators import GreatExpectationsValidationOperator
+
+    run_stages(legacy, legacy, SETTINGS, "second", backup_dir)
+    before = snapshot(legacy)
+    with psycopg.connect(legacy) as conn:
+        conn.execute("ALTER TABLE account_newuser DISABLE TRIGGER user_migration_writes_delete")
+        conn.execute("DELETE FROM account_newuser WHERE id = 1")
+        conn.execute("ALTER TABLE account_newuser ENABLE TRIGGER user_migration_writes_delete")
+    monkeypatch.setenv("AIRFLOW_CONN_TARGET_DB", legacy)
+    operator = GreatExpectationsValidationOperator(task_id="validate")
+    operator._target_hook = MigrationDbHook("target_db")
+    with (
+        psycopg.connect(legacy, autocommit=True) as conn,
+        pytest.raises(ValidationFailed, match="sync drift: 1 migrated per the sync state"),
+    ):
+        operator.run({"run_id": "second"}, SETTINGS, conn)
+    result = run_stages(legacy, legacy, SETTINGS, "third", backup_dir)
+    assert result["drift_repaired"] == 1 and snapshot(legacy) == before

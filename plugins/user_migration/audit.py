@@ -139,7 +139,7 @@ def _rejected_by_reason(conn: psycopg.Connection, run_id: str) -> dict[str, int]
     """The run's rejected rows counted by reason."""
     return dict(
         conn.execute(
-            "SELECT reason, count(*) FROM migration_audit.rejected_rows WHERE run_id = %s GROUP BY reason "
+            "SELECT reason, count(*) FROM migration_audit.run_rejects WHERE run_id = %s GROUP BY reason "
             "ORDER BY reason",
             (run_id,),
         ).fetchall()

@@ -13,6 +13,7 @@ from psycopg import sql
 from user_migration import capture, deferred_indexes, validation_reuse
 from user_migration.config import LegacyMapping, Settings
 from user_migration.db import read_sql
+from user_migration.partition_copy import record_drift_check
 
 log = logging.getLogger(__name__)
 
@@ -159,12 +160,14 @@ def finalize_target(
     indexes = deferred_indexes.build(source, target, settings)
     profiles = init_profiles(target, legacy_id_floors(source, settings.mapping))
     captured = capture.complete_pass(source, target, settings.mapping, run_id) if run_id else False
+    drift_checked = record_drift_check(target, run_id) if run_id and not settings.dry_run else False
     # After the load and the profiles: a first load's bulk writes are not noted one by one.
     write_triggers = validation_reuse.install_write_triggers(target)
     return {
         "indexes": indexes,
         **profiles,
         "change_capture": captured,
+        "drift_checked": drift_checked,
         "write_triggers": write_triggers,
         "vacuum_analyze_seconds": vacuum_analyze(target),
     }

@@ -12,6 +12,8 @@ Three paths:
 - delta merge (every later sync pass): a hash of each legacy row, computed in SQL and compared with
   migration_audit.source_state, finds the new, changed and deleted rows; only those, the rows
   rejected last time and the rows whose duplicate decision changed are read and transformed.
+  A pass that reads the change log instead (log) carries the unchanged rejects over by reference
+  when reading them again could only give the same answer (copy/carry_rejects.sql, decision 0013).
   A range whose state was written under other transform settings (phone region, invalid-phone
   rule, mapping) takes the full merge instead: every row is transformed again. Ids where the
   state and the target disagree (drift: a target row deleted by hand, a displaced holder, a row
@@ -49,8 +51,10 @@ from user_migration.faults import batch_read, kill_after_batch
 from user_migration.lease import hold as hold_lease
 from user_migration.throttle import BatchSizer, Snapshot, Throttle
 from user_migration.transforms import (
+    DOB_IN_FUTURE,
     DUPLICATE_EMAIL,
     DUPLICATE_USERNAME,
+    INVALID_DATE_OF_BIRTH,
     LegacyRow,
     NewUser,
     Reject,
@@ -131,6 +135,9 @@ class PartitionResult:
     holders_updated: int = 0
     # Ids whose sync state and target row disagreed (find_drift.sql), re-processed by this pass.
     drift_repaired: int = 0
+    # When the partition compared sync state and target in full: the other writes noted then
+    # (copy/drift_due.sql); None when a log pass left the comparison out, or none applies.
+    drift_writes: int | None = None
     rejected: int = 0
     fixed: int = 0
     links_in: int = 0
@@ -433,10 +440,13 @@ def _clear_attempt(job: _Job) -> None:
             ).format(sql.Identifier(table)),
             (job.run_id, job.lo, job.hi),
         )
-    job.target.execute(
-        "DELETE FROM migration_audit.batches WHERE run_id = %s AND partition_no = %s",
-        (job.run_id, job.result.partition_no),
-    )
+    for table in ("batches", "carried_rejects"):
+        job.target.execute(
+            sql.SQL("DELETE FROM migration_audit.{} WHERE run_id = %s AND partition_no = %s").format(
+                sql.Identifier(table)
+            ),
+            (job.run_id, job.result.partition_no),
+        )
 
 
 def _choose_path(job: _Job) -> str:
@@ -513,19 +523,19 @@ def _rows_to_read(job: _Job) -> _Rows:
     log_ids: list[int] = []
     if job.partition.get("capture") and path != "changes":
         result.consumed, log_ids = capture.entries_in_range(source, mapping, lo, hi)
-    if path in ("delta", "log"):
-        drift = _drift(target, lo, hi)
+    if path == "delta":
+        drift = _drift_checked(job)
         reread = _losers(target, job.run_id, lo, hi).keys() | drift
-        if path == "delta":
-            process, deleted, result.unchanged, result.rows_in = _delta(
-                source, target, mapping, lo, hi, reread
-            )
-        else:
-            process, deleted, result.rows_in = _from_log(source, target, mapping, (lo, hi), log_ids, reread)
-            result.unchanged = result.rows_in - len(process)
-        deleted += _target_only(drift, process, deleted)
-        result.drift_repaired = len(drift)
-        return _Rows(process, deleted)
+        process, deleted, result.unchanged, result.rows_in = _delta(source, target, mapping, lo, hi, reread)
+        return _Rows(process, deleted + _target_only(drift, process, deleted))
+    if path == "log":
+        drift = _drift_checked(job) if _drift_due(job) else set()
+        carried = _carry_rejects(job, sorted({*log_ids, *drift}))
+        process, deleted, result.rows_in = _from_log(
+            source, target, mapping, (lo, hi), log_ids, carried.reread | drift
+        )
+        result.unchanged = result.rows_in - len(process) - carried.count
+        return _Rows(process, deleted + _target_only(drift, process, deleted))
     if path == "changes":
         process, deleted = _split_changes(source, target, mapping, job.partition["ids"])
         result.rows_in = len(process)
@@ -537,71 +547,122 @@ def _copy_batches(
     job: _Job, rows: _Rows, snapshot: Snapshot, users_copy: sql.Composed | None, stamps: tuple
 ) -> list[int]:
     """Read, transform and write batch after batch, yielding to the throttle; returns the rejected ids."""
-    source, result, settings, run_id = job.source, job.result, job.settings, job.run_id
-    no = result.partition_no
-    reader: _RangeReader | _IdReader
-    if rows.process is not None:
-        reader = _IdReader(source, snapshot, job.select, job.id_column, rows.process)
-    else:
-        reader = _RangeReader(
-            source, snapshot, job.select, job.id_column, (job.lo, job.hi), f"partition_{no}"
-        )
-    legacy_names = _legacy_names(settings)
-    state_tail = (run_id, job.transform_settings)
-    rejected_ids: list[int] = []
+    reader = _open_reader(job, rows, snapshot)
+    out_spec = _Output(users_copy, stamps, (job.run_id, job.transform_settings), _legacy_names(job.settings))
     claims = Claims() if job.path == "changes" else None
-    sizer = BatchSizer(settings, adaptive=job.own_snapshot)
+    sizer = BatchSizer(job.settings, adaptive=job.own_snapshot)
     planned = None if rows.process is None else len(rows.process)
     job.throttle.progress(job.path, 0, planned, 0, force=True)
-    binary: bool | None = None  # decided on the first batch's column types
+    rejected_ids: list[int] = []
+    batch_no = 0
     with job.target.cursor() as out:
-        batch_no = 0
         waited = job.throttle.gate(reader.release)  # a pause set before the start holds it too
         while True:
             if batch_no and snapshot.expired():
                 reader.release()  # the next fetch goes on from the last id, in a new snapshot
-            asked = sizer.size
-            batch_started = time.perf_counter()
+            asked, started = sizer.size, time.perf_counter()
             fetched = reader.fetch(asked)
             if not fetched:
                 break
-            batch_read(batch_no, fetched)
-            if binary is None:
-                binary = binary_copy_ok(reader.description)
-            # The plan's losers of this batch only (rows come in id order): memory stays
-            # bounded by the batch, however many duplicates the partition holds.
-            losers = _losers(job.target, run_id, fetched[0][0], fetched[-1][0])
-            batch = _transform_batch(
-                fetched, job.transformer, losers, legacy_names, run_id, job.now, result, claims
-            )
+            batch = _copy_one_batch(job, out, out_spec, reader, fetched, batch_no, claims)
             if job.path in MERGING:
                 rejected_ids += batch.rejected_ids
-            _write_batch(out, batch, users_copy, stamps, job.path, state_tail, binary)
-            seconds = time.perf_counter() - batch_started
-            out.execute(
-                read_sql("copy/record_batch.sql"),
-                (
-                    run_id,
-                    no,
-                    batch_no,
-                    fetched[0][0],
-                    fetched[-1][0],
-                    len(fetched),
-                    len(batch.good),
-                    len(batch.rejects),
-                    seconds,
-                    asked,
-                    snapshot.number,
-                    round(waited, 3),
-                ),
-            )
+            seconds = time.perf_counter() - started
+            _record_batch(out, job, batch_no, fetched, batch, (seconds, asked, snapshot.number, waited))
             sizer.record(len(fetched), seconds)
             kill_after_batch(batch_no)
             batch_no += 1
-            result.read += len(fetched)
-            job.throttle.progress(job.path, result.read, planned, batch_no)
+            job.result.read += len(fetched)
+            job.throttle.progress(job.path, job.result.read, planned, batch_no)
             waited = job.throttle.gate(reader.release)
-        result.batches = batch_no
+    _finish_reading(job, reader, snapshot, rows, batch_no, planned)
+    return rejected_ids
+
+
+@dataclass
+class _Output:
+    """How a partition writes its batches: the users' COPY (None: no users written), the load's time
+    stamps, the load's state tail (run id, transform settings), the legacy column names (rejects),
+    and whether in binary (decided on the first batch's column types)."""
+
+    users_copy: sql.Composed | None
+    stamps: tuple
+    state_tail: tuple[str, int]
+    legacy_names: list[str]
+    binary: bool | None = None
+
+
+def _open_reader(job: _Job, rows: _Rows, snapshot: Snapshot) -> _RangeReader | _IdReader:
+    """The listed ids' reader (a delta, the log, a change set), else the whole range's."""
+    if rows.process is not None:
+        return _IdReader(job.source, snapshot, job.select, job.id_column, rows.process)
+    name = f"partition_{job.result.partition_no}"
+    return _RangeReader(job.source, snapshot, job.select, job.id_column, (job.lo, job.hi), name)
+
+
+def _copy_one_batch(
+    job: _Job,
+    out: psycopg.Cursor,
+    spec: _Output,
+    reader: _RangeReader | _IdReader,
+    fetched: list[tuple],
+    batch_no: int,
+    claims: Claims | None,
+) -> _Batch:
+    """Transform one batch of legacy rows and COPY it out."""
+    batch_read(batch_no, fetched)
+    if spec.binary is None:
+        spec.binary = binary_copy_ok(reader.description)
+    # The plan's losers of this batch only (rows come in id order): memory stays bounded by the
+    # batch, however many duplicates the partition holds.
+    losers = _losers(job.target, job.run_id, fetched[0][0], fetched[-1][0])
+    batch = _transform_batch(
+        fetched, job.transformer, losers, spec.legacy_names, job.run_id, job.now, job.result, claims
+    )
+    _write_batch(out, batch, spec.users_copy, spec.stamps, job.path, spec.state_tail, spec.binary)
+    return batch
+
+
+def _record_batch(
+    out: psycopg.Cursor,
+    job: _Job,
+    batch_no: int,
+    fetched: list[tuple],
+    batch: _Batch,
+    timing: tuple[float, int, int, float],
+) -> None:
+    """The batch's row in migration_audit.batches; ``timing``: (seconds, size asked, snapshot, waited)."""
+    seconds, asked, snapshot_no, waited = timing
+    out.execute(
+        read_sql("copy/record_batch.sql"),
+        (
+            job.run_id,
+            job.result.partition_no,
+            batch_no,
+            fetched[0][0],
+            fetched[-1][0],
+            len(fetched),
+            len(batch.good),
+            len(batch.rejects),
+            seconds,
+            asked,
+            snapshot_no,
+            round(waited, 3),
+        ),
+    )
+
+
+def _finish_reading(
+    job: _Job,
+    reader: _RangeReader | _IdReader,
+    snapshot: Snapshot,
+    rows: _Rows,
+    batch_no: int,
+    planned: int | None,
+) -> None:
+    """Close the reader, keep a snapshot for the merge and the links, and fill in the reading's counts."""
+    result = job.result
+    result.batches = batch_no
     job.throttle.progress(job.path, result.read, planned, batch_no, force=True)
     reader.close()
     snapshot.ensure()  # the merge and the links read on in the last snapshot
@@ -609,7 +670,6 @@ def _copy_batches(
     result.throttled_seconds = round(job.throttle.waited, 3)
     if rows.process is None:
         result.rows_in = result.read
-    return rejected_ids
 
 
 def _merge_and_link(job: _Job, rows: _Rows, rejected_ids: list[int]) -> None:
@@ -657,6 +717,37 @@ def _transform_changed(target: psycopg.Connection, lo: int, hi: int, transform_s
         "AND transform_settings IS DISTINCT FROM %s)",
         (lo, hi, transform_settings),
     ).fetchone()[0]
+
+
+# account_newuser's write triggers (include/sql/validation/install_write_triggers.sql).
+WRITE_TRIGGERS = 4
+
+
+def _drift_due(job: _Job) -> bool:
+    """Whether a log pass must compare sync state and target over its whole range (decision 0013).
+
+    Only a write to the target that no partition made can make them disagree. It is left out while
+    the last run that compared everything stands: the same count of other writes noted since, and
+    the write triggers in place. Param full_reconcile (a delta pass) always compares.
+    """
+    triggers, foreign, verified = job.target.execute(read_sql("copy/drift_due.sql")).fetchone()
+    return (
+        job.settings.full_reconcile or triggers != WRITE_TRIGGERS or verified is None or foreign != verified
+    )
+
+
+def _drift_checked(job: _Job) -> set[int]:
+    """The range's drifted ids (find_drift.sql), with the other writes noted as it compared."""
+    job.result.drift_writes = job.target.execute(read_sql("copy/drift_due.sql")).fetchone()[1]
+    drift = _drift(job.target, job.lo, job.hi)
+    job.result.drift_repaired = len(drift)
+    return drift
+
+
+def record_drift_check(target: psycopg.Connection, run_id: str) -> bool:
+    """Once every partition of the run has copied: whether each compared everything, which makes the
+    run the drift comparison's proof for the next passes (copy/record_drift_check.sql)."""
+    return target.execute(read_sql("copy/record_drift_check.sql"), {"run_id": run_id}).fetchone() is not None
 
 
 def _drift(target: psycopg.Connection, lo: int, hi: int) -> set[int]:
@@ -851,16 +942,11 @@ def _from_log(
     """(ids to read and transform, ids deleted from the legacy table, legacy rows in range).
 
     The same rows the hash comparison of _delta would pick, found without reading the unchanged
-    ones: those the change log names, the rows rejected last time, and ``reread`` (the plan's
-    duplicate losers, drift).
+    ones: those the change log names and ``reread`` (the rejects and duplicate losers this pass does
+    not carry over, drift); the rejects carried over (_carry_rejects) give the same answer unread.
     """
     lo, hi = bounds
-    rejected = target.execute(
-        "SELECT source_id FROM migration_audit.source_state "
-        "WHERE outcome = 'R' AND source_id BETWEEN %s AND %s",
-        (lo, hi),
-    ).fetchall()
-    candidates = sorted({*log_ids, *(row[0] for row in rejected), *reread})
+    candidates = sorted({*log_ids, *reread})
     present = _present(source, mapping, candidates)
     deleted = _known(target, [i for i in candidates if i not in present])
     id_column = sql.Identifier(mapping.column("id"))
@@ -869,6 +955,59 @@ def _from_log(
         (lo, hi),
     ).fetchone()[0]
     return sorted(present), deleted, rows_in
+
+
+@dataclass
+class _Carried:
+    """Rejects a log pass takes over unread (count), and the rejects and losers it reads again (reread)."""
+
+    count: int
+    reread: set[int]
+
+
+def _carry_rejects(job: _Job, changed: list[int]) -> _Carried:
+    """Carry the range's unchanged rejects over by reference (copy/carry_rejects.sql says which).
+
+    They count in this pass's rejects, by the reason their reading run recorded, and are listed in
+    migration_audit.carried_rejects (read through the view run_rejects). ``changed``: the ids the
+    change log names and drift, read again whatever they were.
+    """
+    target, result = job.target, job.result
+    target.execute("DROP TABLE IF EXISTS carried")
+    target.execute(
+        read_sql("copy/carry_rejects.sql"),
+        {
+            "run_id": job.run_id,
+            "lo": job.lo,
+            "hi": job.hi,
+            "reread": changed,
+            "transform_settings": job.transform_settings,
+            "dob_reason": INVALID_DATE_OF_BIRTH,
+            "dob_future": DOB_IN_FUTURE,
+            "as_of": job.partition["as_of"],
+        },
+    )
+    target.execute(
+        "INSERT INTO migration_audit.carried_rejects (run_id, partition_no, from_run_id, source_ids) "
+        "SELECT %s, %s, from_run_id, array_agg(source_id ORDER BY source_id) FROM carried GROUP BY from_run_id",
+        (job.run_id, result.partition_no),
+    )
+    count = 0
+    for reason, n in target.execute("SELECT reason, count(*) FROM carried GROUP BY reason ORDER BY reason"):
+        result.rejected += n
+        result.rejected_by_reason[reason] = result.rejected_by_reason.get(reason, 0) + n
+        count += n
+    # The range's other rejects and the plan's losers not carried: read again.
+    reread = target.execute(
+        "SELECT source_id FROM migration_audit.source_state AS s "
+        "WHERE outcome = 'R' AND source_id BETWEEN %(lo)s AND %(hi)s "
+        "AND NOT EXISTS (SELECT 1 FROM carried AS c WHERE c.source_id = s.source_id) "
+        "UNION SELECT source_id FROM migration_audit.plan_duplicates AS d "
+        "WHERE run_id = %(run_id)s AND source_id BETWEEN %(lo)s AND %(hi)s "
+        "AND NOT EXISTS (SELECT 1 FROM carried AS c WHERE c.source_id = d.source_id)",
+        {"lo": job.lo, "hi": job.hi, "run_id": job.run_id},
+    ).fetchall()
+    return _Carried(count, {row[0] for row in reread})
 
 
 def _split_changes(
@@ -1037,8 +1176,41 @@ def _settle_conflicts(
     conflicts = target.execute(read_sql("copy/find_key_conflicts.sql")).fetchall()
     if not conflicts:
         return
-    mapping = settings.mapping
+    select = _legacy_rows_sql(settings.mapping)
     holders = sorted({holder for holder, _, _, _ in conflicts})
+    stale, valid_users = _stale_holders(source, target, transformer, select, holders, run_id)
+    if stale:
+        # Still-valid holders move out of the way in place; the rest (and any that cannot) leave.
+        result.holders_updated = _update_in_place(
+            target, [valid_users[h] for h in stale if h in valid_users], now
+        )
+        result.displaced = target.execute(
+            read_sql("copy/displace_stale_holders.sql"), {"ids": stale}
+        ).rowcount
+    losing = _losing_staged(conflicts, set(stale))
+    if losing:
+        _reject_for_this_pass(source, target, settings, result, select, losing, run_id, now)
+
+
+def _legacy_rows_sql(mapping: LegacyMapping) -> sql.Composed:
+    """The legacy users of a list of ids (%s), in legacy_select_list's columns."""
+    return sql.SQL("SELECT {} FROM {} WHERE {} = ANY(%s)").format(
+        legacy_select_list(mapping), users_table(mapping), sql.Identifier(mapping.column("id"))
+    )
+
+
+def _stale_holders(
+    source: psycopg.Connection,
+    target: psycopg.Connection,
+    transformer: Transformer,
+    select: sql.Composed,
+    holders: list[int],
+    run_id: str,
+) -> tuple[list[int], dict[int, NewUser]]:
+    """(holders whose keys in the target are not their legacy row's any more, valid holders' users).
+
+    A holder is valid when its legacy row transforms and the plan did not make it a loser.
+    """
     current = {
         holder: (email_key(email), username)
         for holder, email, username in target.execute(
@@ -1052,9 +1224,6 @@ def _settle_conflicts(
             (run_id, holders),
         ).fetchall()
     }
-    select = sql.SQL("SELECT {} FROM {} WHERE {} = ANY(%s)").format(
-        legacy_select_list(mapping), users_table(mapping), sql.Identifier(mapping.column("id"))
-    )
     still_valid: dict[int, tuple[str, str]] = {}
     valid_users: dict[int, NewUser] = {}
     for values in source.execute(select, (holders,)).fetchall():
@@ -1062,14 +1231,11 @@ def _settle_conflicts(
         if user is not None and user.id not in holder_losers:
             still_valid[user.id] = (email_key(user.email), user.username)
             valid_users[user.id] = user
-    stale = [h for h in holders if still_valid.get(h) != current.get(h)]
-    if stale:
-        # Still-valid holders move out of the way in place; the rest (and any that cannot) leave.
-        moving = [valid_users[h] for h in stale if h in valid_users]
-        result.holders_updated = _update_in_place(target, moving, now)
-        result.displaced = target.execute(
-            read_sql("copy/displace_stale_holders.sql"), {"ids": stale}
-        ).rowcount
+    return [h for h in holders if still_valid.get(h) != current.get(h)], valid_users
+
+
+def _losing_staged(conflicts: list[tuple], stale: set[int]) -> dict[int, tuple[str, str, int]]:
+    """Staged users whose key a real (not stale) holder keeps: id -> (reason, detail, holder)."""
     losing: dict[int, tuple[str, str, int]] = {}
     for holder, staged, same_email, _ in conflicts:
         if holder not in stale and staged not in losing:
@@ -1081,8 +1247,20 @@ def _settle_conflicts(
                 f"same {field_name} as user {holder}, which holds it; decided again next pass",
                 holder,
             )
-    if not losing:
-        return
+    return losing
+
+
+def _reject_for_this_pass(
+    source: psycopg.Connection,
+    target: psycopg.Connection,
+    settings: Settings,
+    result: PartitionResult,
+    select: sql.Composed,
+    losing: dict[int, tuple[str, str, int]],
+    run_id: str,
+    now: dt.datetime,
+) -> None:
+    """The losing staged users leave the stage and the target; their state, fixes and rejects follow."""
     ids = sorted(losing)
     target.execute("DELETE FROM stage_users WHERE id = ANY(%s)", (ids,))
     result.removed += target.execute("DELETE FROM account_newuser WHERE id = ANY(%s)", (ids,)).rowcount

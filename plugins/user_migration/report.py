@@ -187,8 +187,9 @@ def render_markdown(summary: dict[str, Any]) -> str:
         "",
         "## Where the rows are",
         "",
-        "Every source row is in exactly one place: `account_newuser`, or `migration_audit.rejected_rows` "
-        f"with `run_id = '{summary['run_id']}'` and its reason.",
+        "Every source row is in exactly one place: `account_newuser`, or `migration_audit.run_rejects` "
+        f"with `run_id = '{summary['run_id']}'` and its reason (a reject this run carried over unread "
+        "keeps the row and reason of the run that read it, `recorded_by`).",
         "",
         "## Personal data",
         "",

@@ -86,7 +86,7 @@ def rejects(target_dsn: str, run_id: str) -> dict[int, tuple[str, str]]:
         return {
             source_id: (reason, detail)
             for source_id, reason, detail in conn.execute(
-                "SELECT source_id, reason, detail FROM migration_audit.rejected_rows WHERE run_id = %s",
+                "SELECT source_id, reason, detail FROM migration_audit.run_rejects WHERE run_id = %s",
                 (run_id,),
             ).fetchall()
         }

@@ -358,3 +358,36 @@ CREATE TABLE IF NOT EXISTS migration_audit.suite_runs (
     seconds      double precision NULL,
     recorded_at  timestamptz NOT NULL DEFAULT clock_timestamp()
 );
+-- A pass's rejects it did not read again (decision 0013): unchanged legacy rows whose reject the
+-- pass takes over from the run that last read them (from_run_id, the run whose rejected_rows holds
+-- the row, its reason and detail), by reference: one row per partition and run taken from.
+CREATE TABLE IF NOT EXISTS migration_audit.carried_rejects (
+    run_id        text NOT NULL,
+    partition_no  integer NOT NULL,
+    from_run_id   text NOT NULL,
+    source_ids    bigint[] NOT NULL,
+    PRIMARY KEY (run_id, partition_no, from_run_id)
+);
+-- Every run's rejects, read or carried: what a run's accounting, report and page count. A carried
+-- row keeps the reason, detail, source row and time of the run that read it (recorded_by).
+CREATE OR REPLACE VIEW migration_audit.run_rejects AS
+SELECT r.run_id, r.source_id, r.reason, r.detail, r.source_row, r.rejected_at, r.run_id AS recorded_by
+FROM migration_audit.rejected_rows AS r
+UNION ALL
+SELECT c.run_id, r.source_id, r.reason, r.detail, r.source_row, r.rejected_at, c.from_run_id
+FROM migration_audit.carried_rejects AS c
+CROSS JOIN LATERAL unnest(c.source_ids) AS i (source_id)
+JOIN migration_audit.rejected_rows AS r ON r.run_id = c.from_run_id AND r.source_id = i.source_id;
+-- The drift comparison's proof (decision 0013): the partition's transaction id (its own writes to
+-- the target are noted in target_writes under it, so they are not someone else's), and, when it
+-- compared sync state and target in full, the count of other writes noted at that moment.
+ALTER TABLE migration_audit.partitions ADD COLUMN IF NOT EXISTS xid xid8 NULL;
+ALTER TABLE migration_audit.partitions ADD COLUMN IF NOT EXISTS drift_writes bigint NULL;
+-- A run whose every partition compared sync state and target in full: from then on, while no other
+-- write is noted (foreign_writes unchanged) and the write triggers stay in place, the target has
+-- not drifted from the state, and a pass reading the change log leaves the comparison out.
+CREATE TABLE IF NOT EXISTS migration_audit.drift_checks (
+    run_id          text PRIMARY KEY,
+    foreign_writes  bigint NOT NULL,
+    checked_at      timestamptz NOT NULL DEFAULT clock_timestamp()
+);

@@ -13,7 +13,7 @@ WITH planned AS (
 SELECT d.partition_no, d.lo_id, d.hi_id,
        p.rows_in,
        (SELECT count(*) FROM account_newuser AS u WHERE u.id BETWEEN d.lo_id AND d.hi_id) AS in_target,
-       (SELECT count(*) FROM migration_audit.rejected_rows AS r
+       (SELECT count(*) FROM migration_audit.run_rejects AS r
         WHERE r.run_id = %(run_id)s AND r.source_id BETWEEN d.lo_id AND d.hi_id) AS rejected,
        (SELECT count(*) FROM account_newuser) AS target_total
 FROM planned AS d

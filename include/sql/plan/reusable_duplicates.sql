@@ -31,6 +31,6 @@ SELECT b.run_id, b.duplicates, b.log_entries,
        (SELECT count(*) FROM migration_audit.plan_duplicates AS x WHERE x.run_id = b.run_id),
        b.planned,
        (SELECT count(*) FROM migration_audit.partitions AS d WHERE d.run_id = b.run_id AND d.state = 'done'),
-       (SELECT count(*) FROM migration_audit.rejected_rows AS x
+       (SELECT count(*) FROM migration_audit.run_rejects AS x
         WHERE x.run_id = b.run_id AND x.reason = %(dob_reason)s AND x.detail = %(dob_future)s)
 FROM base AS b
