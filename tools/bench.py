@@ -5,7 +5,7 @@
    dirty data as tools/seed_legacy.py, deterministic), with group and permission links.
 2. Runs the real stages in order, each in its own fresh Python process so peak RSS is per stage:
    backup, ddl, plan, copy (one process per partition, run concurrently like Airflow's mapped
-   tasks), finalize, validate (reconciliation + the Great Expectations suite).
+   tasks), finalize, validate (the DAG's checks.run_checks: accounting, drift, GX suite).
 3. Baselines on the same rows: (a) a plain in-database ``INSERT ... SELECT`` into an identically
    indexed empty table, (b) the seed project's approach: every row fetched into Python dicts,
    then multi-row INSERTs of 1,000 rows (as Django's ``bulk_create``).

@@ -171,35 +171,31 @@ def _stage_validate(spec, conn, settings):
     import great_expectations  # noqa: F401  (imported before the clock starts: ~seconds of imports)
 
     from user_migration import audit
-    from user_migration.validation_reuse import run_suite
+    from user_migration.checks import run_checks
 
     def work():
         started = time.perf_counter()
         numbers = audit.reconcile(conn, spec["run_id"])
         reconciled = time.perf_counter()
-        # As the DAG's validate task: the suite runs unless the target is provably as a passed suite saw it.
-        suite = run_suite(conn, _sqlalchemy_url(spec["dsn"]), spec["run_id"], numbers["migrated"])
-        outcomes = suite.outcomes
+        # The DAG's validate task's own checks (checks.run_checks): the accounting, the reject ratio,
+        # the full sync-drift comparison, and the suite unless the target is provably as a passed
+        # suite saw it. Its reconcile runs again inside; the figure below is the whole stage.
+        run = run_checks(conn, spec["run_id"], settings, _sqlalchemy_url(spec["dsn"]))
         checked = time.perf_counter()
-        failed = [o.failure_message() for o in outcomes if not o.success]
-        accounted = numbers["migrated"] + numbers["rejected"]
         # Recorded like the DAG's validate task does: the cutover refuses a run without a passed one.
-        checks = [{"name": "every_source_row_accounted", "success": accounted == numbers["source_rows"]}]
-        checks += [
-            {"name": o.name, "success": o.success, "details": {"message": o.failure_message()}}
-            for o in outcomes
-        ]
-        audit.store_validation(conn, spec["run_id"], checks)
+        audit.store_validation(conn, spec["run_id"], run.outcomes)
+        failed = [o["details"]["message"] for o in run.failed]
+        accounted = numbers["migrated"] + numbers["rejected"]
         return {
             "timings": {
                 "reconcile": round(reconciled - started, 3),
                 "validate_target": round(checked - reconciled, 3),
             },
             "reconcile": numbers,
-            "suite": {"ran": suite.ran, "basis_run": suite.basis_run, "note": suite.note},
+            "suite": {"note": run.suite_note, "seconds": run.suite_seconds},
             "accounted": accounted == numbers["source_rows"] == numbers["rows_read"],
-            "checks": len(outcomes),
-            "checks_passed": len(outcomes) - len(failed),
+            "checks": len(run.outcomes),
+            "checks_passed": len(run.outcomes) - len(failed),
             "failed": failed,
         }
 
