@@ -35,6 +35,7 @@ record whose name or definition ``LINK_KEYS`` does not give is refused before an
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,6 +180,7 @@ def restore(target: psycopg.Connection, lock_timeout_ms: int = 3000) -> dict[str
     if not records:
         return {"restored": [], "quarantined": {}}
     _check_records(records)
+    started = time.perf_counter()
     restored: list[str] = []
     quarantined: dict[str, int] = {}
     refused: list[str] = []
@@ -212,7 +214,11 @@ def restore(target: psycopg.Connection, lock_timeout_ms: int = 3000) -> dict[str
         restored.append(name)
     if refused:
         raise MigrationError(" ".join(refused))
-    return {"restored": restored, "quarantined": quarantined}
+    return {
+        "restored": restored,
+        "quarantined": quarantined,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
 
 
 class _Refused(Exception):
