@@ -290,3 +290,23 @@ def test_a_busy_auth_group_keeps_its_key_through_the_first_load(legacy, backup_d
         _copy_all(legacy, conn, settings, "run-1", plan)
         finalize_target(conn, conn, settings, "run-1")
         assert _schema(conn) == as_created
+
+
+def test_a_key_that_differs_from_the_ddl_stays_in_place(legacy, backup_dir):
+    """A key changed by hand is never deferred: it could only come back as the DDL's, not as it was."""
+    settings = Settings(partitions=2, batch_size=5)
+    with psycopg.connect(legacy, autocommit=True) as conn:
+        ensure_audit_schema(conn)
+        apply_schema(conn, "schema-only")
+        conn.execute(
+            "ALTER TABLE account_newuser_groups DROP CONSTRAINT account_newuser_groups_newuser_id_fkey, "
+            "ADD CONSTRAINT account_newuser_groups_newuser_id_fkey FOREIGN KEY (newuser_id) "
+            "REFERENCES account_newuser (id) ON DELETE CASCADE"  # not deferrable
+        )
+        as_changed = _schema(conn)
+        plan = _plan(conn, settings, "run-1", backup_dir)
+        assert set(plan["deferred_keys"]) == KEYS - {"account_newuser_groups_newuser_id_fkey"}
+        assert _link_keys(conn) == {"account_newuser_groups_newuser_id_fkey": True}
+        _copy_all(legacy, conn, settings, "run-1", plan)
+        finalize_target(conn, conn, settings, "run-1")
+        assert _schema(conn) == as_changed
