@@ -4,7 +4,7 @@ A link row written with its two foreign keys in place (to account_newuser, and t
 auth_permission; both deferred) queues two checks that run at the partition's commit, a
 ``SELECT ... FOR KEY SHARE`` of the referenced row each, and two partitions locking the same few
 group rows turn those locks into multixacts. Adding a key to a loaded table checks every row with
-one join instead (docs/decisions/0013-fk-deferred-link-load.md).
+one join instead (docs/decisions/0014-fk-deferred-link-load.md).
 
 So the plan of a first load, in its transaction, drops the link tables' foreign keys (only of an
 empty link table, and only keys exactly as the versioned DDL makes them: ``LINK_KEYS``; any other
