@@ -102,8 +102,18 @@ def test_a_key_taken_after_the_plan_is_settled_at_the_build(legacy, backup_dir):
             == 2
         )
 
+        assert later_id == 40 and (203, 40, 3) in fx.PERMISSION_LINKS  # the loser has a link
         result = finalize_target(conn, conn, settings)
         assert result["indexes"]["settled"] == {"account_newuser_email_ci_key": 1}
+        # The link keys came back before the settling: its link left with it (ON DELETE CASCADE),
+        # as on a normal load, instead of waiting in the table for a key to refuse it.
+        assert result["indexes"]["keys"]["quarantined"] == {}
+        assert (
+            conn.execute(
+                "SELECT count(*) FROM account_newuser_user_permissions WHERE newuser_id = %s", (later_id,)
+            ).fetchone()[0]
+            == 0
+        )
         assert set(_indexes(conn)) >= SECONDARY
         ids = [u[0] for u in snapshot(legacy)["users"]]
         assert kept_id in ids and later_id not in ids

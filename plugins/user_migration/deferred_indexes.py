@@ -31,6 +31,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from user_migration import deferred_keys
 from user_migration.config import FIELDS, Settings
 from user_migration.db import MigrationError, legacy_select_list, users_table
 from user_migration.schema import TARGET_DDL_DIR, schema_changes
@@ -157,11 +158,15 @@ def defer(target: psycopg.Connection, run_id: str) -> list[str]:
 
 
 def build(source: psycopg.Connection, target: psycopg.Connection, settings: Settings) -> dict[str, Any]:
-    """Build every deferred index, first settling rows that share a unique key; idempotent.
+    """Add back the link tables' deferred foreign keys, then build every deferred index; idempotent.
 
-    ``source`` is read only for the rejected rows' legacy values; it may be the target connection.
+    The keys come first (deferred_keys.py): the rows an index build settles leave account_newuser,
+    and ON DELETE CASCADE then takes their links, as on a normal load. Rows that share a unique key
+    are settled before the index is built. ``source`` is read only for the rejected rows' legacy
+    values; it may be the target connection.
     """
     started = dt.datetime.now(dt.UTC)
+    keys = deferred_keys.restore(target, settings.lock_timeout_ms)
     built: list[str] = []
     settled: dict[str, int] = {}
     with target.transaction():
@@ -170,7 +175,7 @@ def build(source: psycopg.Connection, target: psycopg.Connection, settings: Sett
             "ORDER BY index_name FOR UPDATE"
         ).fetchall()
         if not records:
-            return {"built": [], "settled": {}}
+            return {"built": [], "settled": {}, "keys": keys}
         versioned = versioned_indexes()
         _check_records(records, versioned, expected_definitions(target, versioned))
         table = sql.Identifier(TABLE)
@@ -187,7 +192,7 @@ def build(source: psycopg.Connection, target: psycopg.Connection, settings: Sett
             target.execute("DELETE FROM migration_audit.deferred_indexes WHERE index_name = %s", (name,))
             built.append(name)
     seconds = (dt.datetime.now(dt.UTC) - started).total_seconds()
-    return {"built": built, "settled": settled, "seconds": round(seconds, 3)}
+    return {"built": built, "settled": settled, "keys": keys, "seconds": round(seconds, 3)}
 
 
 def _check_records(

@@ -27,7 +27,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from user_migration import capture, deferred_indexes
+from user_migration import capture, deferred_indexes, deferred_keys
 from user_migration.config import LegacyMapping, Settings
 from user_migration.db import legacy_select_list, read_sql, users_table
 from user_migration.transforms import (
@@ -474,9 +474,10 @@ def make_plan(
         with target.transaction():
             _replace_plan_row(target, run_id, snap, partitions, duplicates, mode, transform_settings)
             _record_duplicates(target, run_id, reuse, ledger)
-            deferred = (
-                deferred_indexes.defer(target, run_id) if initial_load and own_snapshot and snap.count else []
-            )
+            deferred, deferred_link_keys = [], []
+            if initial_load and own_snapshot and snap.count:
+                deferred = deferred_indexes.defer(target, run_id)
+                deferred_link_keys = deferred_keys.defer(target, run_id, settings.lock_timeout_ms)
     return {
         "source_rows": snap.count,
         "changes": mode.changes,
@@ -486,4 +487,5 @@ def make_plan(
         "duplicates_note": reuse.note,
         "partitions": partitions,
         "deferred_indexes": deferred,
+        "deferred_keys": deferred_link_keys,
     }

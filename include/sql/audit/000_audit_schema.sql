@@ -223,6 +223,31 @@ CREATE TABLE IF NOT EXISTS migration_audit.deferred_indexes (
     deferred_at timestamptz NOT NULL DEFAULT now()
 );
 
+-- Foreign keys of the link tables dropped for a first load and not added back yet (see
+-- deferred_keys.py): the finalize step, or the next plan, adds and validates them.
+CREATE TABLE IF NOT EXISTS migration_audit.deferred_keys (
+    constraint_name text PRIMARY KEY,
+    table_name      text NOT NULL,
+    definition      text NOT NULL,
+    run_id          text NOT NULL,
+    deferred_at     timestamptz NOT NULL DEFAULT now()
+);
+
+-- Link rows taken out of a link table before its foreign key to account_newuser was validated:
+-- their user had left the target while the key was not in place (ON DELETE CASCADE would have
+-- removed them). Kept whole, with the reason, never dropped unrecorded (deferred_keys.py).
+CREATE TABLE IF NOT EXISTS migration_audit.quarantined_links (
+    run_id         text NOT NULL,
+    link_table     text NOT NULL,
+    link_id        bigint NOT NULL,
+    newuser_id     bigint NOT NULL,
+    other_id       bigint NOT NULL,
+    reason         text NOT NULL,
+    detail         text NOT NULL,
+    quarantined_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (run_id, link_table, link_id)
+);
+
 -- Change capture (capture.py): whether the legacy change log can be trusted to hold every change
 -- since the sync state was written. Passes read the log when it can, and compare every row when not.
 CREATE TABLE IF NOT EXISTS migration_audit.capture (
