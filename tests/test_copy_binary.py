@@ -22,13 +22,13 @@ from test_copy_fast_path import TODAY, generated_rows
 from user_migration import partition_copy
 from user_migration.config import Settings
 from user_migration.db import ensure_audit_schema, legacy_select_list, users_table
+from user_migration.fingerprint import row_hash_sql
 from user_migration.partition_copy import (
     USER_COLUMNS,
     PartitionResult,
     _transform_batch,
     _write_batch,
     binary_copy_ok,
-    row_hash_sql,
 )
 from user_migration.schema import apply_schema
 from user_migration.transforms import LegacyRow, Transformer

@@ -2,7 +2,7 @@
 
 - ``Transformer.fast_user`` against ``Transformer.transform`` on generated rows: odd Unicode,
   NULLs, whitespace, long strings, dates at the limits, phones of every kind;
-- ``partition_copy.fingerprint`` against the formula it replaced (kept here as the reference), on
+- ``fingerprint.fingerprint`` against the formula it replaced (kept here as the reference), on
   last_login values in several time zones (the SQL side is tests/test_fingerprint.py);
 - ``partition_copy._transform_batch`` with the fast path and without it: the same target rows,
   sync state, rejects, fixes and counts, with the plan's duplicate losers and the cutover's claims.
@@ -20,7 +20,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from user_migration import partition_copy
-from user_migration.partition_copy import Claims, PartitionResult, _transform_batch, fingerprint
+from user_migration.fingerprint import fingerprint
+from user_migration.partition_copy import Claims, PartitionResult, _transform_batch
 from user_migration.transforms import (
     DUPLICATE_EMAIL,
     DUPLICATE_USERNAME,
@@ -157,7 +158,7 @@ def test_fast_user_refuses_each_kind_of_odd_row():
 
 
 def reference_fingerprint(user: NewUser) -> int:
-    """partition_copy.fingerprint as it was before its fast paths (commit 7b1f3cb)."""
+    """fingerprint.fingerprint as it was before its fast paths (commit 7b1f3cb)."""
     last_login = user.last_login
     text = "\x1f".join(
         (

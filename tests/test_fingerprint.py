@@ -1,4 +1,4 @@
-"""partition_copy.fingerprint() and include/sql/cutover/row_fingerprint.sql must agree to the bit.
+"""fingerprint.fingerprint() and include/sql/cutover/row_fingerprint.sql must agree to the bit.
 
 The cutover proves source and target equal by comparing the sum of the Python fingerprints kept in
 source_state with the SQL checksum of the target: any drift between the two blocks every cutover.
@@ -11,7 +11,7 @@ import datetime as dt
 import psycopg
 
 from user_migration.db import ensure_audit_schema
-from user_migration.partition_copy import fingerprint, target_checksum_sql
+from user_migration.fingerprint import fingerprint, target_checksum_sql
 from user_migration.schema import apply_schema
 from user_migration.transforms import NewUser
 

@@ -27,6 +27,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent.parent / "plugins")]
 from user_migration import partition_copy as pc  # noqa: E402
 from user_migration.config import Settings  # noqa: E402
 from user_migration.db import legacy_select_list, users_table  # noqa: E402
+from user_migration.fingerprint import row_hash_sql  # noqa: E402
 
 NOW = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.UTC)
 TODAY = dt.date(2026, 11, 29)
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     mapping = settings.mapping
     conn = psycopg.connect(args.dsn, autocommit=True)
     select = sql.SQL("SELECT {}, {} AS row_hash FROM {} WHERE id <= %s ORDER BY id").format(
-        legacy_select_list(mapping), pc.row_hash_sql(mapping), users_table(mapping)
+        legacy_select_list(mapping), row_hash_sql(mapping), users_table(mapping)
     )
     cursor = conn.execute(select, (args.rows,))
     rows = cursor.fetchall()

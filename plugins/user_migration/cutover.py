@@ -40,7 +40,8 @@ from user_migration.config import Settings
 from user_migration.db import read_sql
 from user_migration.errors import MigrationError
 from user_migration.finalize import init_profiles_for, legacy_id_floors
-from user_migration.partition_copy import copy_partition, fingerprint_sql, row_hash_sql, target_checksum_sql
+from user_migration.fingerprint import fingerprint_sql, row_hash_sql, target_checksum_sql
+from user_migration.partition_copy import copy_partition
 
 READ_ONLY_FUNCTION = "user_migration_read_only"
 READ_ONLY_TRIGGER = "user_migration_read_only"

@@ -41,7 +41,8 @@ from user_migration.db import (
 )
 from user_migration.errors import MigrationError
 from user_migration.faults import between_commits
-from user_migration.partition_copy import TARGET_LINKS, fingerprint_sql
+from user_migration.fingerprint import fingerprint_sql
+from user_migration.partition_copy import TARGET_LINKS
 from user_migration.transforms import LegacyRow, NewUser, Transformer
 
 CARRIED_FIELDS = [f for f in FIELDS if f != "id"]
