@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         sql.SQL(", ").join(map(sql.Identifier, [*pc.USER_COLUMNS, "joined_at", "updated_at"]))
     )
     transformer = pc.Transformer("NP", "fix", today=TODAY)
-    names = pc._legacy_names(settings)
+    names = pc.legacy_names(settings)
     print(f"{len(rows):,} rows, {len(losers):,} duplicate losers, {'binary' if binary else 'text'} COPY")
     for _ in range(args.repeat):
         conn.execute("BEGIN")

@@ -36,10 +36,12 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from user_migration import capture
-from user_migration.config import FIELDS, LegacyMapping, LinkTable, Settings
+from user_migration.config import LegacyMapping, Settings
+from user_migration.copy_conflicts import REJECTED_COPY, legacy_names, settle_conflicts
+from user_migration.copy_links import copy_links
+from user_migration.copy_readers import IdReader, RangeReader
 from user_migration.db import (
     MigrationError,
-    copy_batches,
     legacy_select_list,
     read_sql,
     safe_error,
@@ -70,7 +72,6 @@ TARGET_LINKS = {
     "groups": ("account_newuser_groups", "group_id"),
     "permissions": ("account_newuser_user_permissions", "permission_id"),
 }
-REJECTED_COPY = "COPY migration_audit.rejected_rows (run_id, source_id, reason, detail, source_row, rejected_at) FROM STDIN"
 FIXES_COPY = "COPY migration_audit.field_fixes (run_id, source_id, field, original_value, new_value, reason) FROM STDIN"
 STATE_COPY = "COPY stage_state (source_id, row_hash, outcome, fingerprint, kept_id) FROM STDIN"
 # A first load writes the sync state straight into place; the merges stage it (they may revise it).
@@ -153,11 +154,6 @@ class PartitionResult:
     def count_reject(self, reason: str) -> None:
         self.rejected += 1
         self.rejected_by_reason[reason] = self.rejected_by_reason.get(reason, 0) + 1
-
-
-def _legacy_names(settings: Settings) -> list[str]:
-    """The legacy column name of each canonical field (the canonical name where unmapped)."""
-    return [settings.mapping.column(name) or name for name in FIELDS]
 
 
 def _mark(
@@ -248,7 +244,7 @@ class Claims:
 
     A pass's plan decides duplicates over the whole table; the cutover's final sync has no plan and
     decides among the changed rows themselves (the unchanged holders of a key keep it, see
-    _settle_conflicts). Rows arrive in id order, so the first claimant is the lowest id.
+    settle_conflicts). Rows arrive in id order, so the first claimant is the lowest id.
     """
 
     def __init__(self) -> None:
@@ -489,7 +485,7 @@ def _copy_batches(
 ) -> list[int]:
     """Read, transform and write batch after batch, yielding to the throttle; returns the rejected ids."""
     reader = _open_reader(job, rows, snapshot)
-    out_spec = _Output(users_copy, stamps, (job.run_id, job.transform_settings), _legacy_names(job.settings))
+    out_spec = _Output(users_copy, stamps, (job.run_id, job.transform_settings), legacy_names(job.settings))
     claims = Claims() if job.path == "changes" else None
     sizer = BatchSizer(job.settings, adaptive=job.own_snapshot)
     planned = None if rows.process is None else len(rows.process)
@@ -533,19 +529,19 @@ class _Output:
     binary: bool | None = None
 
 
-def _open_reader(job: _Job, rows: _Rows, snapshot: Snapshot) -> _RangeReader | _IdReader:
+def _open_reader(job: _Job, rows: _Rows, snapshot: Snapshot) -> RangeReader | IdReader:
     """The listed ids' reader (a delta, the log, a change set), else the whole range's."""
     if rows.process is not None:
-        return _IdReader(job.source, snapshot, job.select, job.id_column, rows.process)
+        return IdReader(job.source, snapshot, job.select, job.id_column, rows.process)
     name = f"partition_{job.result.partition_no}"
-    return _RangeReader(job.source, snapshot, job.select, job.id_column, (job.lo, job.hi), name)
+    return RangeReader(job.source, snapshot, job.select, job.id_column, (job.lo, job.hi), name)
 
 
 def _copy_one_batch(
     job: _Job,
     out: psycopg.Cursor,
     spec: _Output,
-    reader: _RangeReader | _IdReader,
+    reader: RangeReader | IdReader,
     fetched: list[tuple],
     batch_no: int,
     claims: Claims | None,
@@ -595,7 +591,7 @@ def _record_batch(
 
 def _finish_reading(
     job: _Job,
-    reader: _RangeReader | _IdReader,
+    reader: RangeReader | IdReader,
     snapshot: Snapshot,
     rows: _Rows,
     batch_no: int,
@@ -628,7 +624,7 @@ def _merge_and_link(job: _Job, rows: _Rows, rejected_ids: list[int]) -> None:
     mapping = settings.mapping
     for key, link in (("groups", mapping.groups), ("permissions", mapping.permissions)):
         if link is not None:
-            _copy_links(
+            copy_links(
                 source,
                 target,
                 mapping.schema,
@@ -713,95 +709,6 @@ def _losers(target: psycopg.Connection, run_id: str, lo: int, hi: int) -> dict[i
             (run_id, lo, hi),
         )
     }
-
-
-class _RangeReader:
-    """The rows of ids lo..hi in id order, through a named cursor, resumable in a new snapshot.
-
-    ``release`` closes the cursor and ends the snapshot; the next fetch opens a new one from the id
-    after the last row read. Rows changed in the ids already read after the first snapshot are in
-    the change log (the partition consumes only the entries its first snapshot saw), so the next
-    pass writes them; a row read in a later snapshot is only fresher.
-    """
-
-    def __init__(
-        self,
-        source: psycopg.Connection,
-        snapshot: Snapshot,
-        select: sql.Composed,
-        id_column: sql.Identifier,
-        bounds: tuple[int, int],
-        name: str,
-    ) -> None:
-        self.source, self.snapshot, self.name = source, snapshot, name
-        self.query = sql.SQL("{} WHERE {} BETWEEN %s AND %s ORDER BY {}").format(select, id_column, id_column)
-        self.next_id, self.hi = bounds
-        self.cursor: psycopg.ServerCursor | None = None
-        self.description: list[Any] | None = None
-
-    def fetch(self, size: int) -> list[tuple]:
-        if self.next_id > self.hi:
-            return []
-        if self.cursor is None:
-            self.snapshot.ensure()
-            self.cursor = self.source.cursor(name=self.name)
-            self.cursor.execute(self.query, (self.next_id, self.hi))
-        rows = self.cursor.fetchmany(size)
-        self.description = self.cursor.description
-        if rows:
-            self.next_id = rows[-1][0] + 1
-        else:
-            self.next_id = self.hi + 1
-        return rows
-
-    def release(self) -> None:
-        self.close()
-        self.snapshot.end()
-
-    def close(self) -> None:
-        if self.cursor is not None:
-            self.cursor.close()
-            self.cursor = None
-
-
-class _IdReader:
-    """The rows of the listed ids in id order, a batch of ids per query; any batch in a new snapshot.
-
-    The ids were chosen in the first snapshot. A row deleted before a later snapshot reads it is
-    neither written nor removed by this pass: its change-log entry (or, without the log, its hash
-    against the sync state) makes the next pass remove it.
-    """
-
-    def __init__(
-        self,
-        source: psycopg.Connection,
-        snapshot: Snapshot,
-        select: sql.Composed,
-        id_column: sql.Identifier,
-        ids: list[int],
-    ) -> None:
-        self.source, self.snapshot, self.ids = source, snapshot, ids
-        self.query = sql.SQL("{} WHERE {} = ANY(%s) ORDER BY {}").format(select, id_column, id_column)
-        self.position = 0
-        self.description: list[Any] | None = None
-
-    def fetch(self, size: int) -> list[tuple]:
-        while self.position < len(self.ids):
-            chunk = self.ids[self.position : self.position + size]
-            self.position += size
-            self.snapshot.ensure()
-            cursor = self.source.execute(self.query, (chunk,))
-            rows = cursor.fetchall()
-            self.description = cursor.description
-            if rows:
-                return rows
-        return []
-
-    def release(self) -> None:
-        self.snapshot.end()
-
-    def close(self) -> None:
-        """Nothing stays open between fetches."""
 
 
 def _delta(
@@ -1090,162 +997,11 @@ def _merge(
         result.removed = target.execute(
             "DELETE FROM account_newuser WHERE id = ANY(%s)", (deleted + rejected_ids,)
         ).rowcount
-    _settle_conflicts(source, target, settings, transformer, result, run_id, now)
+    settle_conflicts(source, target, settings, transformer, result, run_id, now)
     result.inserted, result.updated = target.execute(
         read_sql("copy/merge_users.sql"), {"now": now}
     ).fetchone()
     result.unchanged += result.migrated - result.inserted - result.updated
-
-
-def _settle_conflicts(
-    source: psycopg.Connection,
-    target: psycopg.Connection,
-    settings: Settings,
-    transformer: Transformer,
-    result: PartitionResult,
-    run_id: str,
-    now: dt.datetime,
-) -> None:
-    """Target users elsewhere holding a key a staged user takes: stale holders leave, real ones win.
-
-    The plan makes the moving rows unique, so a holder whose legacy row is gone, rejected or now
-    has another key is stale: it is removed, and its own partition writes its current values. A
-    holder that still has the key means a legacy row changed after the plan: the staged row is
-    rejected for this pass, and the next pass's plan decides between them.
-    """
-    target.execute("ANALYZE stage_users")
-    conflicts = target.execute(read_sql("copy/find_key_conflicts.sql")).fetchall()
-    if not conflicts:
-        return
-    select = _legacy_rows_sql(settings.mapping)
-    holders = sorted({holder for holder, _, _, _ in conflicts})
-    stale, valid_users = _stale_holders(source, target, transformer, select, holders, run_id)
-    if stale:
-        # Still-valid holders move out of the way in place; the rest (and any that cannot) leave.
-        result.holders_updated = _update_in_place(
-            target, [valid_users[h] for h in stale if h in valid_users], now
-        )
-        result.displaced = target.execute(
-            read_sql("copy/displace_stale_holders.sql"), {"ids": stale}
-        ).rowcount
-    losing = _losing_staged(conflicts, set(stale))
-    if losing:
-        _reject_for_this_pass(source, target, settings, result, select, losing, run_id, now)
-
-
-def _legacy_rows_sql(mapping: LegacyMapping) -> sql.Composed:
-    """The legacy users of a list of ids (%s), in legacy_select_list's columns."""
-    return sql.SQL("SELECT {} FROM {} WHERE {} = ANY(%s)").format(
-        legacy_select_list(mapping), users_table(mapping), sql.Identifier(mapping.column("id"))
-    )
-
-
-def _stale_holders(
-    source: psycopg.Connection,
-    target: psycopg.Connection,
-    transformer: Transformer,
-    select: sql.Composed,
-    holders: list[int],
-    run_id: str,
-) -> tuple[list[int], dict[int, NewUser]]:
-    """(holders whose keys in the target are not their legacy row's any more, valid holders' users).
-
-    A holder is valid when its legacy row transforms and the plan did not make it a loser.
-    """
-    current = {
-        holder: (email_key(email), username)
-        for holder, email, username in target.execute(
-            "SELECT id, email, username FROM account_newuser WHERE id = ANY(%s)", (holders,)
-        ).fetchall()
-    }
-    holder_losers = {
-        source_id
-        for (source_id,) in target.execute(
-            "SELECT source_id FROM migration_audit.plan_duplicates WHERE run_id = %s AND source_id = ANY(%s)",
-            (run_id, holders),
-        ).fetchall()
-    }
-    still_valid: dict[int, tuple[str, str]] = {}
-    valid_users: dict[int, NewUser] = {}
-    for values in source.execute(select, (holders,)).fetchall():
-        user, _, _ = transformer.transform(LegacyRow(*values))
-        if user is not None and user.id not in holder_losers:
-            still_valid[user.id] = (email_key(user.email), user.username)
-            valid_users[user.id] = user
-    return [h for h in holders if still_valid.get(h) != current.get(h)], valid_users
-
-
-def _losing_staged(conflicts: list[tuple], stale: set[int]) -> dict[int, tuple[str, str, int]]:
-    """Staged users whose key a real (not stale) holder keeps: id -> (reason, detail, holder)."""
-    losing: dict[int, tuple[str, str, int]] = {}
-    for holder, staged, same_email, _ in conflicts:
-        if holder not in stale and staged not in losing:
-            reason, field_name = (
-                (DUPLICATE_EMAIL, "email") if same_email else (DUPLICATE_USERNAME, "username")
-            )
-            losing[staged] = (
-                reason,
-                f"same {field_name} as user {holder}, which holds it; decided again next pass",
-                holder,
-            )
-    return losing
-
-
-def _reject_for_this_pass(
-    source: psycopg.Connection,
-    target: psycopg.Connection,
-    settings: Settings,
-    result: PartitionResult,
-    select: sql.Composed,
-    losing: dict[int, tuple[str, str, int]],
-    run_id: str,
-    now: dt.datetime,
-) -> None:
-    """The losing staged users leave the stage and the target; their state, fixes and rejects follow."""
-    ids = sorted(losing)
-    target.execute("DELETE FROM stage_users WHERE id = ANY(%s)", (ids,))
-    result.removed += target.execute("DELETE FROM account_newuser WHERE id = ANY(%s)", (ids,)).rowcount
-    target.execute(
-        "UPDATE stage_state AS s SET outcome = 'R', fingerprint = NULL, kept_id = h.holder "
-        "FROM unnest(%s::bigint[], %s::bigint[]) AS h (id, holder) WHERE s.source_id = h.id",
-        (ids, [losing[i][2] for i in ids]),
-    )
-    result.fixed -= target.execute(
-        "DELETE FROM migration_audit.field_fixes WHERE run_id = %s AND source_id = ANY(%s)", (run_id, ids)
-    ).rowcount
-    legacy_names = _legacy_names(settings)
-    rows = source.execute(select, (ids,)).fetchall()  # before the COPY: it may be the same connection
-    with target.cursor() as out, out.copy(REJECTED_COPY) as copy:
-        for values in rows:
-            reason, detail, _ = losing[values[0]]
-            source_row = Jsonb(jsonable_row(dict(zip(legacy_names, values, strict=True))))
-            copy.write_row((run_id, values[0], reason, detail, source_row, now))
-            result.migrated -= 1
-            result.count_reject(reason)
-
-
-def _update_in_place(target: psycopg.Connection, users: list[NewUser], now: dt.datetime) -> int:
-    """Stale holders still valid under another key take their current values in place; returns how many.
-
-    Deleting them would take what lives only in the target (profile, addresses, activity,
-    notifications: ON DELETE CASCADE) with them. One whose new key another holder still has is tried
-    again once that one moved; one whose key stays taken (a swap, a staged user) is displaced.
-    """
-    updated, pending = 0, users
-    while pending:
-        refused = []
-        for user in pending:
-            try:
-                with target.transaction():  # a savepoint: a refused update leaves the rest intact
-                    updated += target.execute(
-                        read_sql("copy/update_stale_holder.sql"), {**user._asdict(), "now": now}
-                    ).rowcount
-            except psycopg.errors.UniqueViolation:
-                refused.append(user)
-        if len(refused) == len(pending):
-            break
-        pending = refused
-    return updated
 
 
 def _save_state(
@@ -1270,52 +1026,3 @@ def _save_state(
         "transform_settings = EXCLUDED.transform_settings",
         (run_id, transform_settings),
     )
-
-
-def _copy_links(
-    source: psycopg.Connection,
-    target: psycopg.Connection,
-    schema: str,
-    link: LinkTable,
-    target_link: tuple[str, str],
-    users: tuple[int, int, list[int] | None],
-    result: PartitionResult,
-    dry_run: bool,
-) -> None:
-    """Bring the target's links of the users lo..hi (or of the listed users only) in line with the legacy's."""
-    lo, hi, ids = users
-    user, other_column = sql.Identifier(link.user_column), sql.Identifier(link.other_column)
-    table_name = sql.Identifier(schema, link.table)
-    where = sql.SQL("{} BETWEEN %(lo)s AND %(hi)s" if ids is None else "{} = ANY(%(ids)s)").format(user)
-    params: dict[str, Any] = {"lo": lo, "hi": hi} if ids is None else {"ids": ids}
-    if dry_run:
-        count_query = sql.SQL("SELECT count(*) FROM {} WHERE {}").format(table_name, where)
-        result.links_in += source.execute(count_query, params).fetchone()[0]
-        return
-    query = sql.SQL("SELECT id, {}, {} FROM {} WHERE {} ORDER BY id").format(
-        user, other_column, table_name, where
-    )
-    table, other = target_link
-    target.execute(
-        "CREATE TEMP TABLE IF NOT EXISTS stage_links (id bigint, user_id bigint, other_id integer) ON COMMIT DROP"
-    )
-    target.execute("TRUNCATE stage_links")
-    result.links_in += copy_batches(
-        source,
-        f"links_{link.table}",
-        query,
-        params,
-        target,
-        "COPY stage_links (id, user_id, other_id) FROM STDIN",
-    )
-    names = {
-        "links": sql.Identifier(table),
-        "other": sql.Identifier(other),
-        "users": sql.SQL("BETWEEN %(lo)s AND %(hi)s" if ids is None else "= ANY(%(ids)s)"),
-    }
-    result.links_removed += target.execute(
-        sql.SQL(read_sql("copy/remove_stale_links.sql")).format(**names), params
-    ).rowcount
-    result.links_inserted += target.execute(
-        sql.SQL(read_sql("copy/merge_links.sql")).format(**names), params
-    ).rowcount
