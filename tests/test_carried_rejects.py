@@ -135,3 +135,18 @@ def test_a_reject_a_partition_decided_for_one_pass_is_not_carried_into_the_next(
     assert 12 not in carried(legacy, "pass-3")
     assert rejects(legacy, "pass-3")[12] == ("duplicate_email", "same email as user 11, which is kept")
     assert accounted(legacy, "pass-3")[1]
+
+
+def test_the_application_s_own_tables_named_like_the_copy_s_temp_tables_survive(legacy, backup_dir):
+    """The copy drops its temp tables by name before creating them; with none of that name yet, an
+    unqualified DROP found the application's table of the same name through the search path."""
+    with psycopg.connect(legacy) as conn:
+        for name in ("carried", "stage_users"):
+            conn.execute(f"CREATE TABLE public.{name} (note text)")
+            conn.execute(f"INSERT INTO public.{name} VALUES ('the application''s')")
+    run_stages(legacy, legacy, SETTINGS, "pass-1", backup_dir)
+    quiet = run_stages(legacy, legacy, SETTINGS, "pass-2", backup_dir)
+    assert {p["path"] for p in quiet["partition_results"]} == {"log"}
+    with psycopg.connect(legacy) as conn:
+        for name in ("carried", "stage_users"):
+            assert conn.execute(f"SELECT note FROM public.{name}").fetchall() == [("the application's",)]

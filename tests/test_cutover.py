@@ -209,3 +209,21 @@ def test_a_session_holding_the_new_tables_is_named_not_the_legacy_tables(legacy,
     with psycopg.connect(legacy) as conn:
         assert active_cutover(conn) is None
         conn.execute("UPDATE account_user SET full_name = 'Writable' WHERE id = 1")
+
+
+def test_a_session_holding_another_target_table_is_not_blamed_on_the_new_tables(legacy, backup_dir):
+    """After the new tables are held, the catch-up needs others (the profiles' write triggers are
+    switched off first): a session holding account_profile is reported as such a table, not as the
+    new tables with "no session holds them"."""
+    validated_pass(legacy, "pass-1", backup_dir)
+    blocker = psycopg.connect(legacy, application_name="profile-edit")
+    blocker.execute("UPDATE account_profile SET bio = bio WHERE user_id = 1")  # open transaction
+    try:
+        with pytest.raises(CutoverRefused) as refused:
+            cutover(legacy, "pass-1", lock_timeout_ms=200, attempts=2, backoff_seconds=0.1)
+    finally:
+        blocker.rollback()
+        blocker.close()
+    message = str(refused.value)
+    assert message.startswith("cutover gave up: while it caught up before locking the legacy tables"), message
+    assert "could not be locked within 200 ms (last of 2 attempts)" in message

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
 
 import psycopg
 import pytest
@@ -310,3 +312,46 @@ def test_a_key_that_differs_from_the_ddl_stays_in_place(legacy, backup_dir):
         _copy_all(legacy, conn, settings, "run-1", plan)
         finalize_target(conn, conn, settings, "run-1")
         assert _schema(conn) == as_changed
+
+
+def test_readers_of_auth_group_never_queue_long_behind_the_dropping_of_its_key(legacy, backup_dir):
+    """While a DROP CONSTRAINT waits for auth_group's ACCESS EXCLUSIVE lock, every reader of
+    auth_group queues behind it: each try waits at most DROP_LOCK_MS and commits at once, so a reader
+    waits about that long, not lock_timeout_ms or until the plan commits (the review's finding)."""
+    settings = Settings(partitions=2, batch_size=5, lock_timeout_ms=3000)
+    waits: list[float] = []
+    stop = threading.Event()
+
+    def read_auth_group() -> None:
+        with psycopg.connect(legacy, autocommit=True) as reader:
+            while not stop.is_set():
+                started = time.monotonic()
+                reader.execute("SELECT count(*) FROM auth_group")
+                waits.append(time.monotonic() - started)
+                time.sleep(0.02)
+
+    with (
+        psycopg.connect(legacy, autocommit=True) as conn,
+        psycopg.connect(legacy, autocommit=True) as application,
+    ):
+        ensure_audit_schema(conn)
+        apply_schema(conn, "schema-only")
+        as_created = _schema(conn)
+        application.execute("BEGIN")
+        application.execute("SELECT count(*) FROM auth_group")  # an open transaction that read it
+        ends = threading.Timer(2.0, application.execute, ("COMMIT",))
+        reader = threading.Thread(target=read_auth_group)
+        ends.start()
+        reader.start()
+        try:
+            plan = _plan(conn, settings, "run-1", backup_dir)
+        finally:
+            ends.join()
+            stop.set()
+            reader.join()
+        assert max(waits) < 1.0, f"a reader of auth_group waited {max(waits):.2f} s"
+        assert len(waits) > 20
+        assert KEYS - {"account_newuser_groups_group_id_fk"} <= set(plan["deferred_keys"])
+        _copy_all(legacy, conn, settings, "run-1", plan)
+        finalize_target(conn, conn, settings, "run-1")
+        assert _schema(conn) == as_created

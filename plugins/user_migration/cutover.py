@@ -208,8 +208,9 @@ def run_cutover(
 def _gave_up(job: _Job, exc: psycopg.Error, locking: str) -> str:
     """Why the last attempt failed, naming the tables it waited for and who held them.
 
-    ``locking``: "new" (the new tables, on the target), "legacy" (the legacy tables) or "held" (a
-    lock needed while the legacy tables were held, under the 30 s timeout of that step).
+    ``locking``: "new" (the new tables, on the target), "before" (another table, while catching up
+    before the legacy lock), "legacy" (the legacy tables) or "held" (a lock needed while the legacy
+    tables were held, under the 30 s timeout of that step).
     """
     attempts = job.options.attempts
     timeout = "30 s" if locking == "held" else f"{job.options.lock_timeout_ms} ms"
@@ -224,6 +225,13 @@ def _gave_up(job: _Job, exc: psycopg.Error, locking: str) -> str:
             f"cutover gave up: the new tables ({', '.join(NEW_TABLES)}) {why} in {attempts} attempts "
             f"({holders}). Nothing was changed and the legacy tables stay writable; nothing but the "
             "migration should write the new tables before the cutover: end those sessions, then retry"
+        )
+    if locking == "before":
+        return (
+            f"cutover gave up: while it caught up before locking the legacy tables, a table it needed "
+            f"(a profile or audit table, or a group or permission its links name) {why} (last of "
+            f"{attempts} attempts). Nothing was changed and the legacy tables stay writable; look for "
+            "long transactions on the target database, then retry"
         )
     if locking == "held":
         return (
@@ -298,7 +306,7 @@ def _attempt(job: _Job, attempt: int, locking: list[str]) -> dict[str, Any]:
     with legacy.transaction(force_rollback=options.dry_run):
         with nullcontext() if job.same else target.transaction(force_rollback=options.dry_run):
             locking.append("new")
-            ready = _before_the_lock(job)
+            ready = _before_the_lock(job, locking)
             # Writes queue behind the lock from the moment it is asked for, not only once it is held.
             locking.append("legacy")
             requested = time.monotonic()
@@ -340,7 +348,7 @@ def _attempt(job: _Job, attempt: int, locking: list[str]) -> dict[str, Any]:
     return result
 
 
-def _before_the_lock(job: _Job) -> _Unlocked:
+def _before_the_lock(job: _Job, locking: list[str]) -> _Unlocked:
     """Hold the new tables, catch up, verify, track, catch up again, count the legacy users.
 
     All without the legacy lock, in the attempt's transactions: what is left for the lock is the
@@ -352,6 +360,7 @@ def _before_the_lock(job: _Job) -> _Unlocked:
     target.execute(
         sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(sql.SQL(", ").join(map(sql.Identifier, NEW_TABLES)))
     )
+    locking.append("before")  # the new tables are held: what fails from here is another table
     # Before anything is written (ALTER TABLE refuses a table with deferred checks pending)
     # and outside the write pause; rolled back with the attempt, committed with the cutover.
     validation_reuse.disable_write_triggers(target)

@@ -6,8 +6,8 @@ auth_permission; both deferred) queues two checks that run at the partition's co
 group rows turn those locks into multixacts. Adding a key to a loaded table checks every row with
 one join instead (docs/decisions/0014-fk-deferred-link-load.md).
 
-So the plan of a first load, in its transaction, drops the link tables' foreign keys (only of an
-empty link table, and only keys exactly as the versioned DDL makes them: ``LINK_KEYS``; any other
+So after the plan of a first load commits, each of the link tables' foreign keys is dropped in a
+short transaction of its own (only of an empty link table, and only keys exactly as the versioned DDL makes them: ``LINK_KEYS``; any other
 stays) and records each in migration_audit.deferred_keys. The link tables' indexes stay: merging
 and removing links look rows up through them. Before the deferred indexes are built
 (deferred_indexes.build, which calls ``restore``), each key comes back in two steps:
@@ -111,12 +111,22 @@ LINK_KEYS = _keys()
 LINK_TABLES = tuple(dict.fromkeys(key.table for key in LINK_KEYS.values()))
 
 
+# Dropping a key takes ACCESS EXCLUSIVE on the referenced table too, and while the request waits,
+# every reader of that table queues behind it: for auth_group and auth_permission (the application's
+# tables) each try waits at most DROP_LOCK_MS, in a transaction that commits at once.
+DROP_LOCK_MS = 100
+DROP_TRIES = 5
+DROP_BACKOFF_SECONDS = 0.2
+
+
 def defer(target: psycopg.Connection, run_id: str, lock_timeout_ms: int = 3000) -> list[str]:
     """Drop the foreign keys of the empty link tables, recording them; returns their names.
 
-    Call inside the plan's transaction of a first load. A key to a table of the legacy side
-    (auth_group, auth_permission) needs that table's ACCESS EXCLUSIVE lock to drop: if it is not
-    granted within ``lock_timeout_ms`` the key stays in place (the load is slower, not wrong).
+    Call after the plan of a first load committed, outside a transaction: each key is dropped and
+    recorded in a transaction of its own that commits at once, so no lock on the application's
+    auth_group or auth_permission outlives the statement. A key to one of those tables is tried
+    ``DROP_TRIES`` times, each waiting at most ``DROP_LOCK_MS`` (never more than ``lock_timeout_ms``)
+    for the lock: if it is never granted the key stays in place (the load is slower, not wrong).
     """
     deferred: list[str] = []
     for table in LINK_TABLES:
@@ -133,38 +143,40 @@ def defer(target: psycopg.Connection, run_id: str, lock_timeout_ms: int = 3000) 
             key = LINK_KEYS.get(name)
             if key is None or key.table != table or key.definition != definition:
                 continue
-            if _drop(target, key, run_id, lock_timeout_ms):
+            if _drop(target, key, run_id, min(lock_timeout_ms, DROP_LOCK_MS)):
                 deferred.append(name)
     return deferred
 
 
 def _drop(target: psycopg.Connection, key: LinkKey, run_id: str, lock_timeout_ms: int) -> bool:
-    """Drop and record one key in a savepoint; False when its referenced table stayed locked."""
-    previous = target.execute("SELECT current_setting('lock_timeout')").fetchone()[0]
-    target.execute("SELECT set_config('lock_timeout', %s, true)", (f"{lock_timeout_ms}ms",))
-    try:
-        with target.transaction():
-            target.execute(
-                "INSERT INTO migration_audit.deferred_keys (constraint_name, table_name, definition, run_id) "
-                "VALUES (%s, %s, %s, %s) ON CONFLICT (constraint_name) DO NOTHING",
-                (key.name, key.table, key.definition, run_id),
-            )
-            target.execute(
-                sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
-                    sql.Identifier(key.table), sql.Identifier(key.name)
+    """Drop and record one key, in short tries; False when its tables stayed locked every time."""
+    for attempt in range(1, DROP_TRIES + 1):
+        try:
+            with target.transaction():
+                target.execute("SELECT set_config('lock_timeout', %s, true)", (f"{lock_timeout_ms}ms",))
+                target.execute(
+                    "INSERT INTO migration_audit.deferred_keys (constraint_name, table_name, definition, run_id) "
+                    "VALUES (%s, %s, %s, %s) ON CONFLICT (constraint_name) DO NOTHING",
+                    (key.name, key.table, key.definition, run_id),
                 )
-            )
-    except psycopg.errors.LockNotAvailable:
-        log.warning(
-            "foreign key %s stays in place for this first load: %s was not free within %d ms",
-            key.name,
-            key.references,
-            lock_timeout_ms,
-        )
-        return False
-    finally:
-        target.execute("SELECT set_config('lock_timeout', %s, true)", (previous,))
-    return True
+                target.execute(
+                    sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+                        sql.Identifier(key.table), sql.Identifier(key.name)
+                    )
+                )
+            return True
+        except psycopg.errors.LockNotAvailable:
+            if attempt < DROP_TRIES:
+                time.sleep(DROP_BACKOFF_SECONDS * attempt)
+    log.warning(
+        "foreign key %s stays in place for this first load: %s or %s was not free within %d ms in %d tries",
+        key.name,
+        key.table,
+        key.references,
+        lock_timeout_ms,
+        DROP_TRIES,
+    )
+    return False
 
 
 def restore(target: psycopg.Connection, lock_timeout_ms: int = 3000) -> dict[str, Any]:

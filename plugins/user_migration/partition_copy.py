@@ -429,7 +429,7 @@ def _prepare_staging(job: _Job) -> tuple[sql.Composed | None, tuple]:
         )
         target.execute("TRUNCATE stage_state")
     if path in MERGING:
-        target.execute("DROP TABLE IF EXISTS stage_users")
+        target.execute("DROP TABLE IF EXISTS pg_temp.stage_users")  # never a table of that name elsewhere
         target.execute(
             "CREATE TEMP TABLE stage_users ON COMMIT DROP AS "
             "SELECT id, password, last_login, is_superuser, email, username, full_name, date_of_birth, "
@@ -821,7 +821,7 @@ def _carry_rejects(job: _Job, changed: list[int]) -> _Carried:
     change log names and drift, read again whatever they were.
     """
     target, result = job.target, job.result
-    target.execute("DROP TABLE IF EXISTS carried")
+    target.execute("DROP TABLE IF EXISTS pg_temp.carried")  # never a table of that name elsewhere
     target.execute(
         read_sql("copy/carry_rejects.sql"),
         {

@@ -474,10 +474,13 @@ def make_plan(
         with target.transaction():
             _replace_plan_row(target, run_id, snap, partitions, duplicates, mode, transform_settings)
             _record_duplicates(target, run_id, reuse, ledger)
-            deferred, deferred_link_keys = [], []
-            if initial_load and own_snapshot and snap.count:
-                deferred = deferred_indexes.defer(target, run_id)
-                deferred_link_keys = deferred_keys.defer(target, run_id, settings.lock_timeout_ms)
+            first_load = initial_load and own_snapshot and snap.count
+            deferred = deferred_indexes.defer(target, run_id) if first_load else []
+        # After the plan's commit, each in a short transaction of its own: dropping a key locks
+        # the application's auth_group or auth_permission (deferred_keys.defer).
+        deferred_link_keys = (
+            deferred_keys.defer(target, run_id, settings.lock_timeout_ms) if first_load else []
+        )
     return {
         "source_rows": snap.count,
         "changes": mode.changes,
