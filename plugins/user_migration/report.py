@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 PERSONAL_DATA_NOTE = (
     "Personal data of this run is kept in: the backup files in {backup} (mode 0600, folder 0700), "
-    "and the tables migration_audit.rejected_rows (whole rejected rows, with password hashes) and "
+    "and the tables migration_audit.rejected_rows (whole rejected rows, with password hashes; the view "
+    "migration_audit.run_rejects shows them for every run that carried them over) and "
     "migration_audit.field_fixes (original phone values) of the target database. Protect them like "
     "the users table and delete them when the retention period ends."
 )

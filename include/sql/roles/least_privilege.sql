@@ -142,6 +142,11 @@ WHERE c.relkind IN ('r', 'p')
           )
       )
   ) \gexec
+SELECT format('ALTER VIEW %I.%I OWNER TO %I', n.nspname, c.relname, :'role')
+FROM pg_class AS c
+JOIN pg_namespace AS n ON n.oid = c.relnamespace
+WHERE c.relkind = 'v' AND n.nspname = 'migration_audit'
+  AND c.relowner <> (SELECT oid FROM pg_roles WHERE rolname = :'role') \gexec
 -- The change log and capture functions an earlier run installed under another role: the passes
 -- read and empty the log, and the functions run as their owner (SECURITY DEFINER, as capture.py
 -- installs them), so they append to the log whoever writes to the legacy tables.
