@@ -24,6 +24,7 @@ from user_migration.config import Settings
 from user_migration.db import ensure_audit_schema, legacy_select_list, users_table
 from user_migration.fingerprint import row_hash_sql
 from user_migration.partition_copy import (
+    PATHS,
     USER_COLUMNS,
     PartitionResult,
     _transform_batch,
@@ -106,7 +107,7 @@ def test_a_batch_lands_the_same_in_binary_and_in_text(make_db, path):
                         sql.SQL(", ").join(map(sql.Identifier, USER_COLUMNS))
                     )
                     stamps, tables = (), MERGE_TABLES
-                _write_batch(out, batch, users_copy, stamps, path, ("run", 12345), binary)
+                _write_batch(out, batch, users_copy, stamps, PATHS[path], ("run", 12345), binary)
                 landed.append(contents(conn, tables))
                 for table in tables:
                     conn.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(*table.split("."))))

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                 started = time.process_time()
                 batch = pc._transform_batch(fetched, transformer, batch_losers, names, "h", NOW, result)
                 transformed = time.process_time()
-                pc._write_batch(out, batch, users_copy, (NOW, NOW), "load", ("h", 1), binary)
+                pc._write_batch(out, batch, users_copy, (NOW, NOW), pc.PATHS["load"], ("h", 1), binary)
                 transform_cpu += transformed - started
                 write_cpu += time.process_time() - transformed
         digest = conn.execute(DIGEST).fetchone()

@@ -4,7 +4,7 @@ A partition is one target transaction: its users, links, rejects, field fixes, b
 state and counts commit together or not at all, so a killed or retried attempt leaves nothing
 half-done, and re-running a partition changes nothing that is already right.
 
-Three paths:
+Three paths (PATHS below describes each, with the dry run and the cutover's change set):
 - load: the target was empty when the run was planned; rows are COPY'd straight into
   account_newuser (the fast path of a first load).
 - full merge: the target holds users but this range has no sync state yet; every row is staged and
@@ -64,10 +64,44 @@ from user_migration.transforms import (
     jsonable_row,
 )
 
+
+@dataclass(frozen=True)
+class CopyPath:
+    """One way of copying a partition: what each step asks of it. ``name`` is what the audit records."""
+
+    name: str
+    # COPY straight into account_newuser, the sync state straight into place (a first load).
+    loads: bool = False
+    # Stage the users and the sync state, then merge them into account_newuser and the state.
+    merges: bool = False
+    # Find the changed rows by comparing every row's hash with the sync state; link the whole range.
+    compares_full_state: bool = False
+    # Find the changed rows in the change log; carry the unchanged rejects over unread.
+    from_log: bool = False
+    # A given change set (the cutover's): duplicates decided among its rows, its log consumed by the caller.
+    change_set: bool = False
+    # State written under other transform settings sends the range to the full merge instead.
+    full_on_new_transform: bool = False
+
+    @property
+    def reads_changes_only(self) -> bool:
+        """Reads only the changed rows (delta, log, changes): the range's other state stays."""
+        return self.compares_full_state or self.from_log or self.change_set
+
+
+# Every path by the name _choose_path picks and the audit records (the dry run writes nothing).
+PATHS = {
+    entry.name: entry
+    for entry in (
+        CopyPath("dry_run"),
+        CopyPath("load", loads=True),
+        CopyPath("merge", merges=True),
+        CopyPath("delta", merges=True, compares_full_state=True, full_on_new_transform=True),
+        CopyPath("log", merges=True, from_log=True, full_on_new_transform=True),
+        CopyPath("changes", merges=True, change_set=True),
+    )
+}
 USER_COLUMNS = NewUser._fields
-# Paths that stage rows and merge them into account_newuser, and those that read only changed rows.
-MERGING = ("merge", "delta", "log", "changes")
-DELTAS = ("delta", "log", "changes")
 TARGET_LINKS = {
     "groups": ("account_newuser_groups", "group_id"),
     "permissions": ("account_newuser_user_permissions", "permission_id"),
@@ -292,6 +326,7 @@ class _Job:
     select: sql.Composed
     id_column: sql.Identifier
     transform_settings: int  # Settings.transform_fingerprint(), recorded with every state row
+    path: CopyPath = field(init=False)  # set by _choose_path, once the attempt is cleared
 
     @classmethod
     def start(
@@ -333,10 +368,6 @@ class _Job:
     def hi(self) -> int:
         return self.partition["hi"]
 
-    @property
-    def path(self) -> str:
-        return self.result.path
-
 
 @dataclass
 class _Rows:
@@ -354,7 +385,8 @@ def _copy(job: _Job) -> PartitionResult:
         if partition.get("lease_run_id"):
             hold_lease(target, partition["lease_run_id"])
         _clear_attempt(job)
-        job.result.path = _choose_path(job)
+        job.path = _choose_path(job)
+        job.result.path = job.path.name
         users_copy, stamps = _prepare_staging(job)
         with source.transaction():
             if job.own_snapshot:
@@ -386,62 +418,62 @@ def _clear_attempt(job: _Job) -> None:
         )
 
 
-def _choose_path(job: _Job) -> str:
+def _choose_path(job: _Job) -> CopyPath:
     """dry_run, load (an empty range of a first load), changes (a given change set), log, delta or merge."""
     target, lo, hi, partition = job.target, job.lo, job.hi, job.partition
     if job.settings.dry_run:
-        return "dry_run"
+        return PATHS["dry_run"]
     if (
         partition.get("initial_load")
         and not target.execute(
             "SELECT EXISTS (SELECT 1 FROM account_newuser WHERE id BETWEEN %s AND %s)", (lo, hi)
         ).fetchone()[0]
     ):
-        return "load"
+        return PATHS["load"]
     has_state = target.execute(
         "SELECT EXISTS (SELECT 1 FROM migration_audit.source_state WHERE source_id BETWEEN %s AND %s)",
         (lo, hi),
     ).fetchone()[0]
     if partition.get("ids") is not None:
-        path = "changes"
+        path = PATHS["changes"]
     elif has_state and partition.get("changes") == "log":
-        path = "log"
+        path = PATHS["log"]
     else:
-        path = "delta" if has_state else "merge"
-    if path in ("log", "delta") and _transform_changed(target, lo, hi, job.transform_settings):
+        path = PATHS["delta" if has_state else "merge"]
+    if path.full_on_new_transform and _transform_changed(target, lo, hi, job.transform_settings):
         job.result.full_because = TRANSFORM_CHANGED
-        return "merge"
+        return PATHS["merge"]
     return path
 
 
 def _prepare_staging(job: _Job) -> tuple[sql.Composed | None, tuple]:
     """Temp tables of the merging paths; returns the users' COPY statement and the load's time stamps."""
     target, path = job.target, job.path
-    if path == "load":
+    if path.loads:
         target.execute(
             "DELETE FROM migration_audit.source_state WHERE source_id BETWEEN %s AND %s", (job.lo, job.hi)
         )
-    elif path != "dry_run":
+    elif path.merges:
         target.execute(
             "CREATE TEMP TABLE IF NOT EXISTS stage_state "
             "(source_id bigint, row_hash bytea, outcome char(1), fingerprint bigint, kept_id bigint) "
             "ON COMMIT DROP"
         )
         target.execute("TRUNCATE stage_state")
-    if path in MERGING:
+    if path.merges:
         target.execute("DROP TABLE IF EXISTS pg_temp.stage_users")  # never a table of that name elsewhere
         target.execute(
             "CREATE TEMP TABLE stage_users ON COMMIT DROP AS "
             "SELECT id, password, last_login, is_superuser, email, username, full_name, date_of_birth, "
             "phone_number, is_active, is_staff FROM account_newuser WITH NO DATA"
         )
-    if path == "load":
+    if path.loads:
         columns = [*USER_COLUMNS, "joined_at", "updated_at"]
         users_copy = sql.SQL("COPY account_newuser ({}) FROM STDIN").format(
             sql.SQL(", ").join(map(sql.Identifier, columns))
         )
         return users_copy, (job.now, job.now)
-    if path in MERGING:
+    if path.merges:
         users_copy = sql.SQL("COPY stage_users ({}) FROM STDIN").format(
             sql.SQL(", ").join(map(sql.Identifier, USER_COLUMNS))
         )
@@ -458,14 +490,14 @@ def _rows_to_read(job: _Job) -> _Rows:
     source, target, mapping, result = job.source, job.target, job.settings.mapping, job.result
     lo, hi, path = job.lo, job.hi, job.path
     log_ids: list[int] = []
-    if job.partition.get("capture") and path != "changes":
+    if job.partition.get("capture") and not path.change_set:
         result.consumed, log_ids = capture.entries_in_range(source, mapping, lo, hi)
-    if path == "delta":
+    if path.compares_full_state:
         drift = _drift_checked(job)
         reread = _losers(target, job.run_id, lo, hi).keys() | drift
         process, deleted, result.unchanged, result.rows_in = _delta(source, target, mapping, lo, hi, reread)
         return _Rows(process, deleted + _target_only(drift, process, deleted))
-    if path == "log":
+    if path.from_log:
         drift = _drift_checked(job) if _drift_due(job) else set()
         carried = _carry_rejects(job, sorted({*log_ids, *drift}))
         process, deleted, result.rows_in = _from_log(
@@ -473,7 +505,7 @@ def _rows_to_read(job: _Job) -> _Rows:
         )
         result.unchanged = result.rows_in - len(process) - carried.count
         return _Rows(process, deleted + _target_only(drift, process, deleted))
-    if path == "changes":
+    if path.change_set:
         process, deleted = _split_changes(source, target, mapping, job.partition["ids"])
         result.rows_in = len(process)
         return _Rows(process, deleted)
@@ -486,10 +518,10 @@ def _copy_batches(
     """Read, transform and write batch after batch, yielding to the throttle; returns the rejected ids."""
     reader = _open_reader(job, rows, snapshot)
     out_spec = _Output(users_copy, stamps, (job.run_id, job.transform_settings), legacy_names(job.settings))
-    claims = Claims() if job.path == "changes" else None
+    claims = Claims() if job.path.change_set else None
     sizer = BatchSizer(job.settings, adaptive=job.own_snapshot)
     planned = None if rows.process is None else len(rows.process)
-    job.throttle.progress(job.path, 0, planned, 0, force=True)
+    job.throttle.progress(job.path.name, 0, planned, 0, force=True)
     rejected_ids: list[int] = []
     batch_no = 0
     with job.target.cursor() as out:
@@ -502,7 +534,7 @@ def _copy_batches(
             if not fetched:
                 break
             batch = _copy_one_batch(job, out, out_spec, reader, fetched, batch_no, claims)
-            if job.path in MERGING:
+            if job.path.merges:
                 rejected_ids += batch.rejected_ids
             seconds = time.perf_counter() - started
             _record_batch(out, job, batch_no, fetched, batch, (seconds, asked, snapshot.number, waited))
@@ -510,7 +542,7 @@ def _copy_batches(
             kill_after_batch(batch_no)
             batch_no += 1
             job.result.read += len(fetched)
-            job.throttle.progress(job.path, job.result.read, planned, batch_no)
+            job.throttle.progress(job.path.name, job.result.read, planned, batch_no)
             waited = job.throttle.gate(reader.release)
     _finish_reading(job, reader, snapshot, rows, batch_no, planned)
     return rejected_ids
@@ -600,7 +632,7 @@ def _finish_reading(
     """Close the reader, keep a snapshot for the merge and the links, and fill in the reading's counts."""
     result = job.result
     result.batches = batch_no
-    job.throttle.progress(job.path, result.read, planned, batch_no, force=True)
+    job.throttle.progress(job.path.name, result.read, planned, batch_no, force=True)
     reader.close()
     snapshot.ensure()  # the merge and the links read on in the last snapshot
     result.snapshots = snapshot.number
@@ -612,15 +644,26 @@ def _finish_reading(
 def _merge_and_link(job: _Job, rows: _Rows, rejected_ids: list[int]) -> None:
     """Merge the staged users and record the sync state (merging paths), then bring the links in line."""
     source, target, settings, result, path = job.source, job.target, job.settings, job.result, job.path
-    if path in MERGING:
+    if path.merges:
         _merge(
-            source, target, settings, job.transformer, result, rows.deleted, rejected_ids, job.run_id, job.now
+            source,
+            target,
+            settings,
+            job.transformer,
+            result,
+            path,
+            rows.deleted,
+            rejected_ids,
+            job.run_id,
+            job.now,
         )
         _save_state(target, path, job.lo, job.hi, rows.deleted, job.run_id, job.transform_settings)
-    elif path == "load":
+    elif path.loads:
         result.inserted = result.migrated
     # The log and change paths touch the links of the users they processed; the others the range's.
-    scope = None if rows.process is None or path == "delta" else sorted({*rows.process, *rows.deleted})
+    scope = (
+        None if rows.process is None or path.compares_full_state else sorted({*rows.process, *rows.deleted})
+    )
     mapping = settings.mapping
     for key, link in (("groups", mapping.groups), ("permissions", mapping.permissions)):
         if link is not None:
@@ -938,7 +981,7 @@ def _write_batch(
     batch: _Batch,
     users_copy: sql.Composed | None,
     stamps: tuple,
-    path: str,
+    path: CopyPath,
     state_tail: tuple[str, int],
     binary: bool = False,
 ) -> None:
@@ -960,14 +1003,14 @@ def _write_batch(
             with out.copy(statement) as copy:
                 for item in items:
                     copy.write_row(item)
-    if path == "load" and batch.state:
+    if path.loads and batch.state:
         with out.copy(STATE_LOAD_COPY + BINARY if binary else STATE_LOAD_COPY) as copy:
             if binary:
                 copy.set_types(STATE_TYPES + STATE_TAIL_TYPES)
             write = copy.write_row
             for item in batch.state:
                 write((*item, *state_tail))
-    elif path != "dry_run" and batch.state:
+    elif path.merges and batch.state:
         with out.copy(STATE_COPY + BINARY if binary else STATE_COPY) as copy:
             if binary:
                 copy.set_types(STATE_TYPES)
@@ -982,6 +1025,7 @@ def _merge(
     settings: Settings,
     transformer: Transformer,
     result: PartitionResult,
+    path: CopyPath,
     deleted: list[int],
     rejected_ids: list[int],
     run_id: str,
@@ -989,7 +1033,7 @@ def _merge(
 ) -> None:
     """Bring account_newuser in line with stage_users for this partition."""
     # Removals first: a key that a vanished or displaced row holds may be taken by a merged row.
-    if result.path == "merge":
+    if not path.reads_changes_only:
         result.removed = target.execute(
             read_sql("copy/remove_vanished_users.sql"), {"lo": result.lo, "hi": result.hi}
         ).rowcount
@@ -1006,7 +1050,7 @@ def _merge(
 
 def _save_state(
     target: psycopg.Connection,
-    path: str,
+    path: CopyPath,
     lo: int,
     hi: int,
     deleted: list[int],
@@ -1014,7 +1058,7 @@ def _save_state(
     transform_settings: int,
 ) -> None:
     """Record what this pass saw of each legacy row of the range (for the next pass's delta)."""
-    if path in DELTAS:
+    if path.reads_changes_only:
         target.execute("DELETE FROM migration_audit.source_state WHERE source_id = ANY(%s)", (deleted,))
     else:
         target.execute("DELETE FROM migration_audit.source_state WHERE source_id BETWEEN %s AND %s", (lo, hi))
