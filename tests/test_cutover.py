@@ -190,19 +190,27 @@ def test_a_deleted_reject_above_every_legacy_id_does_not_block_the_cutover(legac
         assert active_cutover(conn)["run_id"] == "pass-3"
 
 
+def _refusal_while_a_session_writes(dsn: str, application: str, statement: str) -> str:
+    """The cutover's refusal (2 attempts of 200 ms) while ``application`` holds ``statement``'s
+    locks in an open transaction."""
+    blocker = psycopg.connect(dsn, application_name=application)
+    blocker.execute(statement)  # an open transaction
+    try:
+        with pytest.raises(CutoverRefused) as refused:
+            cutover(dsn, "pass-1", lock_timeout_ms=200, attempts=2, backoff_seconds=0.1)
+    finally:
+        blocker.rollback()
+        blocker.close()
+    return str(refused.value)
+
+
 def test_a_session_holding_the_new_tables_is_named_not_the_legacy_tables(legacy, backup_dir):
     """The cutover locks the new tables first (on the target): a session writing them there keeps it
     from starting. The refusal names those tables and that session, not the legacy tables."""
     validated_pass(legacy, "pass-1", backup_dir)
-    blocker = psycopg.connect(legacy, application_name="hand-fix")
-    blocker.execute("UPDATE account_newuser SET full_name = full_name WHERE id = 1")  # open transaction
-    try:
-        with pytest.raises(CutoverRefused) as refused:
-            cutover(legacy, "pass-1", lock_timeout_ms=200, attempts=2, backoff_seconds=0.1)
-    finally:
-        blocker.rollback()
-        blocker.close()
-    message = str(refused.value)
+    message = _refusal_while_a_session_writes(
+        legacy, "hand-fix", "UPDATE account_newuser SET full_name = full_name WHERE id = 1"
+    )
     assert message.startswith("cutover gave up: the new tables (account_newuser, "), message
     assert "could not be locked within 200 ms in 2 attempts" in message and "hand-fix" in message
     assert "the legacy tables stay writable" in message
@@ -216,14 +224,8 @@ def test_a_session_holding_another_target_table_is_not_blamed_on_the_new_tables(
     switched off first): a session holding account_profile is reported as such a table, not as the
     new tables with "no session holds them"."""
     validated_pass(legacy, "pass-1", backup_dir)
-    blocker = psycopg.connect(legacy, application_name="profile-edit")
-    blocker.execute("UPDATE account_profile SET bio = bio WHERE user_id = 1")  # open transaction
-    try:
-        with pytest.raises(CutoverRefused) as refused:
-            cutover(legacy, "pass-1", lock_timeout_ms=200, attempts=2, backoff_seconds=0.1)
-    finally:
-        blocker.rollback()
-        blocker.close()
-    message = str(refused.value)
+    message = _refusal_while_a_session_writes(
+        legacy, "profile-edit", "UPDATE account_profile SET bio = bio WHERE user_id = 1"
+    )
     assert message.startswith("cutover gave up: while it caught up before locking the legacy tables"), message
     assert "could not be locked within 200 ms (last of 2 attempts)" in message

@@ -101,6 +101,15 @@ def _copy_all(dsn: str, conn: psycopg.Connection, settings: Settings, run_id: st
             copy_partition(source, conn, settings, run_id, partition)
 
 
+def _first_load_copied(dsn: str, conn: psycopg.Connection, settings: Settings, backup_dir) -> dict:
+    """Plan and copy run-1 as a first load (its link keys deferred); returns the schema as created."""
+    ensure_audit_schema(conn)
+    apply_schema(conn, "schema-only")
+    as_created = _schema(conn)
+    _copy_all(dsn, conn, settings, "run-1", _plan(conn, settings, "run-1", backup_dir))
+    return as_created
+
+
 def test_a_first_load_ends_with_the_keys_and_links_of_a_normal_load(legacy, make_db, backup_dir, monkeypatch):
     """Deferred, then added back: the same validated keys, indexes, triggers and rows as keys kept in place."""
     settings = Settings(partitions=2, batch_size=5)
@@ -195,11 +204,7 @@ def test_a_link_to_a_missing_group_is_refused_by_name_and_the_retry_completes(le
     """A group deleted during the load: the finalize names the link and the fix; after it, a retry ends the job."""
     settings = Settings(partitions=2, batch_size=5)
     with psycopg.connect(legacy, autocommit=True) as conn:
-        ensure_audit_schema(conn)
-        apply_schema(conn, "schema-only")
-        as_created = _schema(conn)
-        plan = _plan(conn, settings, "run-1", backup_dir)
-        _copy_all(legacy, conn, settings, "run-1", plan)
+        as_created = _first_load_copied(legacy, conn, settings, backup_dir)
         # The application deletes group 3 and its legacy links; the target's link 104 is left behind.
         with conn.transaction():
             conn.execute("DELETE FROM account_user_groups WHERE group_id = 3")
@@ -233,11 +238,7 @@ def test_a_finalize_cut_off_after_adding_a_key_not_valid_is_completed_by_the_nex
     """The state between the two steps (key added NOT VALID, record kept) is one the next try finishes."""
     settings = Settings(partitions=2, batch_size=5)
     with psycopg.connect(legacy, autocommit=True) as conn:
-        ensure_audit_schema(conn)
-        apply_schema(conn, "schema-only")
-        as_created = _schema(conn)
-        plan = _plan(conn, settings, "run-1", backup_dir)
-        _copy_all(legacy, conn, settings, "run-1", plan)
+        as_created = _first_load_copied(legacy, conn, settings, backup_dir)
         for name in sorted(KEYS)[:2]:
             conn.execute(deferred_keys.LINK_KEYS[name].add_statement())  # step 1 only, as a cut-off try
         result = finalize_target(conn, conn, settings, "run-1")

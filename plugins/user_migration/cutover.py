@@ -214,8 +214,9 @@ def _gave_up(job: _Job, exc: psycopg.Error, locking: str) -> str:
     """
     attempts = job.options.attempts
     timeout = "30 s" if locking == "held" else f"{job.options.lock_timeout_ms} ms"
+    other = "an application transaction" if locking == "legacy" else "another transaction"
     why = (
-        "deadlocked with another transaction each time"
+        f"deadlocked with {other} each time"
         if isinstance(exc, psycopg.errors.DeadlockDetected)
         else f"could not be locked within {timeout}"
     )
@@ -239,7 +240,6 @@ def _gave_up(job: _Job, exc: psycopg.Error, locking: str) -> str:
             f"{attempts} attempts). Nothing was changed and the legacy tables stay writable; look for "
             "long transactions on the target database, then retry"
         )
-    why = why.replace("another transaction", "an application transaction")
     holders = _lock_holders(job.legacy, legacy_tables(job.settings))
     return (
         f"cutover gave up: the legacy tables {why} in {attempts} attempts ({holders}). Nothing was "
