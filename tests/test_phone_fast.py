@@ -113,3 +113,15 @@ def test_the_differential_tests_catch_a_broken_fast_path(name, replacement, monk
         for region in ("US", "GB", "BR", "AR")
     }
     assert sum(caught.values()) > 0, caught
+
+
+def test_the_differential_tests_catch_a_separator_left_in_the_digits(monkeypatch):
+    """_digits_of_shape replaced a re.sub; one separator forgotten must show up as mismatches."""
+    monkeypatch.setattr(
+        phone_fast, "_digits_of_shape", lambda raw: raw.replace(" ", "").replace("-", "").replace("+", "")
+    )
+    caught = {
+        region: len(mismatches(phone_fast_check.fuzz_phones(region, 5_000), region))
+        for region in ("US", "GB", "NP")
+    }
+    assert sum(caught.values()) > 0, caught

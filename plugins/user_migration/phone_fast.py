@@ -30,7 +30,6 @@ PHONE_INVALID = "phone_invalid"
 # leading punctuation is skipped up to the first "+" or digit, trailing punctuation dropped, and all of
 # " ().-" is valid punctuation that never starts an extension, a second number or an RFC 3966 part.
 _SHAPE = re.compile(r"[ ().-]*(\+)?[ ().-]*[0-9][0-9 ().-]*")
-_NON_DIGITS = re.compile(r"[^0-9]+")
 _MAX_FAST_INPUT = 64  # well under the library's 250-character limit
 _LENGTH_TABLE_SIZE = _MAX_FAST_INPUT + 1  # no digit string here is longer than its input
 _MIN_FAST_DIGITS = 3  # fewer digits take the library's special cases for 2-digit "numbers"
@@ -139,6 +138,19 @@ class _MetadataView:
         return any(_matches(desc, nsn) for desc in self.typed)
 
 
+def _digits_of_shape(raw: str) -> str:
+    """The digits of a string _SHAPE matched (ASCII digits, at most one "+" and the separators
+    " ().-"): six str.replace calls, about twice as fast as a re.sub on these short strings."""
+    return (
+        raw.replace(" ", "")
+        .replace("-", "")
+        .replace(".", "")
+        .replace("(", "")
+        .replace(")", "")
+        .replace("+", "")
+    )
+
+
 def _alternation(patterns: list[re.Pattern[str]]) -> re.Pattern[str] | None:
     if not patterns:
         return None
@@ -198,7 +210,7 @@ class RegionFastPath:
             shape = _SHAPE.fullmatch(raw)
             if shape is None:
                 return None
-            digits, plus = _NON_DIGITS.sub("", raw), shape.group(1) is not None
+            digits, plus = _digits_of_shape(raw), shape.group(1) is not None
         if len(digits) < _MIN_FAST_DIGITS:
             return None
         view = self.view
