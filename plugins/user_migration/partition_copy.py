@@ -49,7 +49,6 @@ from user_migration.db import (
 )
 from user_migration.faults import batch_read, kill_after_batch
 from user_migration.fingerprint import fingerprint, row_hash_sql
-from user_migration.gc_pause import cyclic_gc_paused
 from user_migration.lease import hold as hold_lease
 from user_migration.throttle import BatchSizer, Snapshot, Throttle
 from user_migration.transforms import (
@@ -240,18 +239,15 @@ def copy_partition(
     # Under the cutover's lock (own_snapshot=False) nothing yields: the application waits for it.
     throttle = Throttle(settings, run_id, partition["partition_no"], source, target, enabled=own_snapshot)
     try:
-        with cyclic_gc_paused():
-            try:
-                result = _copy(
-                    _Job.start(source, target, settings, run_id, partition, own_snapshot, throttle)
-                )
-            except psycopg.errors.UniqueViolation:
-                if not partition.get("initial_load") or not own_snapshot:
-                    raise
-                # A legacy row changed after the plan; the plain load cannot settle that, the merge can.
-                _rollback(source, target)
-                merge = {**partition, "initial_load": False}
-                result = _copy(_Job.start(source, target, settings, run_id, merge, own_snapshot, throttle))
+        try:
+            result = _copy(_Job.start(source, target, settings, run_id, partition, own_snapshot, throttle))
+        except psycopg.errors.UniqueViolation:
+            if not partition.get("initial_load") or not own_snapshot:
+                raise
+            # A legacy row changed after the plan; the plain load cannot settle that, the merge can.
+            _rollback(source, target)
+            merge = {**partition, "initial_load": False}
+            result = _copy(_Job.start(source, target, settings, run_id, merge, own_snapshot, throttle))
     except Exception as exc:
         if not own_snapshot:
             raise
