@@ -6,15 +6,21 @@ This script measures one such design on a database ``tools/bench.py --keep`` lef
 ids 1..N in one go (a real path would go batch by batch, at some extra cost):
 
 1. the server selects the rows that an approximation of ``Transformer.fast_user``'s checks would
-   pass (ASCII names without edge spaces, the plain email shape with a lower-case domain, dates and
-   lengths in range), with their row hash, into a temporary table;
+   pass (a username with a printable ASCII character, a full name whose first and last characters
+   are printable ASCII, the plain email shape with a lower-case domain, dates and lengths in range),
+   with their row hash, into a temporary table;
 2. Python reads their (id, phone), answers each phone with the phone fast path (the library's rule,
    as the copy does), and COPYs (id, E.164) back (by distinct phone instead: the server's sort and
    key cost ~3 CPU-s more per 1M on the bench, where nearly every phone is distinct);
 3. the server inserts those users and their sync state (the fingerprint in SQL,
    include/sql/cutover/row_fingerprint.sql) into scratch tables with primary keys only;
 4. Python transforms and writes the other rows as the copy does (``_transform_batch`` and
-   ``_write_batch``).
+   ``_write_batch``), the plan's duplicate losers among them rejected as the copy rejects them.
+
+The scratch tables have the keys, check and partial indexes the real ones have during a first load
+(``account_newuser``: its primary key; the sync state: its key, its check and its two partial
+indexes). The per-batch work of the copy (batch records, the duplicate lookups, the throttle's
+checks) is not done here, so the estimate flatters this design by that much.
 
 The SQL checks are NOT the product's rules (no domain check, no proof of equality): a real path
 would need them proven to imply ``fast_user``'s. Links are not moved here; the copy's link work
@@ -96,19 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     conn = psycopg.connect(args.dsn, autocommit=True)
     conn.execute("DROP SCHEMA IF EXISTS inserver_estimate CASCADE")
     conn.execute("CREATE SCHEMA inserver_estimate")
-    for name, like, key in (
-        ("u", "account_newuser", "id"),
-        ("s", "migration_audit.source_state", "source_id"),
-    ):
-        conn.execute(
-            f"CREATE TABLE inserver_estimate.{name} (LIKE {like} INCLUDING DEFAULTS, PRIMARY KEY ({key}))"
-        )
+    conn.execute(
+        "CREATE TABLE inserver_estimate.u (LIKE account_newuser INCLUDING DEFAULTS, PRIMARY KEY (id))"
+    )
+    # The sync state as during a first load: LIKE ... INCLUDING ALL copies its key, check and indexes.
+    conn.execute("CREATE TABLE inserver_estimate.s (LIKE migration_audit.source_state INCLUDING ALL)")
     for name, like in (
         ("rejected", "migration_audit.rejected_rows"),
         ("fixes", "migration_audit.field_fixes"),
     ):
         conn.execute(f"CREATE TABLE inserver_estimate.{name} (LIKE {like} INCLUDING DEFAULTS)")
     transformer = pc.Transformer("NP", "fix", today=TODAY)
+    plan_run = conn.execute("SELECT max(run_id) FROM migration_audit.plan_duplicates").fetchone()[0]
     meter = Meter(conn, args.rows)
     started = time.perf_counter()
     with conn.transaction():
@@ -137,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             f"SELECT {', '.join('u.' + c.strip() for c in COLUMNS.split(','))}, coalesce(p.e164, ''), "
             "u.is_active, u.is_staff, %(now)s, %(now)s FROM usual AS u LEFT JOIN phones AS p ON p.id = u.id "
             "WHERE (p.e164 IS NOT NULL OR u.phone_number IS NULL OR u.phone_number = '') "
-            "AND NOT EXISTS (SELECT 1 FROM migration_audit.plan_duplicates AS d WHERE d.source_id = u.id)",
-            {"now": NOW},
+            "AND NOT EXISTS (SELECT 1 FROM migration_audit.plan_duplicates AS d "
+            "WHERE d.run_id = %(plan)s AND d.source_id = u.id)",
+            {"now": NOW, "plan": plan_run},
         ).rowcount
         meter.step(f"3a. server: {inserted:,} users inserted")
         conn.execute(
@@ -168,11 +174,14 @@ def main(argv: list[str] | None = None) -> int:
         names = pc.legacy_names(settings)
         with conn.cursor() as out:
             for start in range(0, len(rest), 10_000):
-                batch = pc._transform_batch(
-                    rest[start : start + 10_000], transformer, {}, names, "e", NOW, result
-                )
+                fetched = rest[start : start + 10_000]
+                losers = pc._losers(conn, plan_run, fetched[0][0], fetched[-1][0])
+                batch = pc._transform_batch(fetched, transformer, losers, names, "e", NOW, result)
                 pc._write_batch(out, batch, users_copy, (NOW, NOW), pc.PATHS["load"], ("estimate", 1), True)
-        meter.step(f"4. both: the other {len(rest):,} rows read, transformed and written as the copy does")
+        meter.step(
+            f"4. both: the other {len(rest):,} rows read, transformed and written as the copy does "
+            f"({result.rejected:,} rejected)"
+        )
     wall = time.perf_counter() - started
     moved = conn.execute("SELECT count(*) FROM inserver_estimate.u").fetchone()[0]
     conn.execute("DROP SCHEMA inserver_estimate CASCADE")
