@@ -160,6 +160,15 @@ def _audit_schema_version(conn: psycopg.Connection) -> str | None:
     return row[0] if row else None
 
 
+def foreign_keys(conn: psycopg.Connection, table: str) -> list[tuple[str, str]]:
+    """(name, pg_get_constraintdef) of each foreign key of ``table``, by name: what to add back as it was."""
+    return conn.execute(
+        "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+        "WHERE conrelid = to_regclass(%s) AND contype = 'f' ORDER BY conname",
+        (table,),
+    ).fetchall()
+
+
 def users_table(mapping: LegacyMapping) -> sql.Composed:
     return sql.Identifier(mapping.schema, mapping.users_table)
 

@@ -42,7 +42,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from user_migration.db import MigrationError
+from user_migration.db import MigrationError, foreign_keys
 
 log = logging.getLogger(__name__)
 
@@ -134,12 +134,7 @@ def defer(target: psycopg.Connection, run_id: str, lock_timeout_ms: int = 3000) 
             sql.SQL("SELECT EXISTS (SELECT 1 FROM {})").format(sql.Identifier(table))
         ).fetchone()[0]:
             continue
-        live = target.execute(
-            "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
-            "WHERE conrelid = to_regclass(%s) AND contype = 'f' ORDER BY conname",
-            (table,),
-        ).fetchall()
-        for name, definition in live:
+        for name, definition in foreign_keys(target, table):
             key = LINK_KEYS.get(name)
             if key is None or key.table != table or key.definition != definition:
                 continue

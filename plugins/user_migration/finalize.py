@@ -12,7 +12,7 @@ from psycopg import sql
 
 from user_migration import capture, deferred_indexes, validation_reuse
 from user_migration.config import LegacyMapping, Settings
-from user_migration.db import read_sql
+from user_migration.db import foreign_keys, read_sql
 from user_migration.partition_copy import record_drift_check
 
 log = logging.getLogger(__name__)
@@ -95,11 +95,7 @@ def init_profiles_for(
 def _drop_foreign_keys(target: psycopg.Connection) -> list[tuple[str, str]]:
     """Drop account_profile's foreign keys; returns (name, definition) to add each back."""
     target.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(PROFILE_TABLE)))
-    keys = target.execute(
-        "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
-        "WHERE conrelid = to_regclass(%s) AND contype = 'f' ORDER BY conname",
-        (PROFILE_TABLE,),
-    ).fetchall()
+    keys = foreign_keys(target, PROFILE_TABLE)
     for name, _ in keys:
         target.execute(
             sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
