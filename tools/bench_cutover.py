@@ -25,6 +25,7 @@ from typing import Any
 
 import psycopg
 import seed_legacy
+from bench_stages import wrap_calls
 from psycopg import sql
 
 from user_migration import capture
@@ -90,20 +91,8 @@ def _backlog(conn: psycopg.Connection, mapping: LegacyMapping) -> dict[str, int]
 
 
 def _record_calls(calls: list[tuple[str, float]], module: Any, *names: str) -> None:
-    """Wrap module-level functions to append (name, seconds) per call: where the cutover's time goes."""
-
-    def wrap(name: str, function):
-        def timed(*args, **kwargs):
-            started = time.perf_counter()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                calls.append((name, round(time.perf_counter() - started, 3)))
-
-        return timed
-
-    for name in names:
-        setattr(module, name, wrap(name, getattr(module, name)))
+    """Append (name, seconds) per call of the functions: where the cutover's time goes."""
+    wrap_calls(module, names, lambda name, seconds: calls.append((name, round(seconds, 3))))
 
 
 def cutover_with_writer(

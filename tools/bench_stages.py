@@ -12,6 +12,7 @@ import json
 import os
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,10 +78,10 @@ def _stage_ddl(spec, conn, settings):
     return work
 
 
-def _time_calls(timings: dict[str, float], module: Any, *names: str) -> None:
-    """Wrap module-level functions so their seconds add up in ``timings``: where a stage's time goes.
+def wrap_calls(module: Any, names: tuple[str, ...], on_call: Callable[[str, float], None]) -> None:
+    """Wrap module-level functions so each call reports (name, seconds) to ``on_call``.
 
-    A stage calls them through its module, so wrapping the attribute times the real calls.
+    The code measured calls them through its module, so wrapping the attribute times the real calls.
     """
 
     def wrap(name: str, function):
@@ -89,12 +90,21 @@ def _time_calls(timings: dict[str, float], module: Any, *names: str) -> None:
             try:
                 return function(*args, **kwargs)
             finally:
-                timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - started, 3)
+                on_call(name, time.perf_counter() - started)
 
         return timed
 
     for name in names:
         setattr(module, name, wrap(name, getattr(module, name)))
+
+
+def _time_calls(timings: dict[str, float], module: Any, *names: str) -> None:
+    """The functions' seconds add up in ``timings``: where a stage's time goes."""
+
+    def add(name: str, seconds: float) -> None:
+        timings[name] = round(timings.get(name, 0.0) + seconds, 3)
+
+    wrap_calls(module, names, add)
 
 
 def _stage_plan(spec, conn, settings):
