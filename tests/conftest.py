@@ -17,6 +17,7 @@ import embedded_pg
 import psycopg
 import pytest
 from psycopg import sql
+from support import fixture_users as fx
 from support.db import uri_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,6 +54,14 @@ def make_db(pg_server: str) -> Iterator[Callable[[str], str]]:
     with psycopg.connect(pg_server, autocommit=True) as conn:
         for name in created:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def legacy(make_db, request: pytest.FixtureRequest) -> str:
+    """A fresh database holding the legacy fixture users (support/fixture_users.py), named after the module."""
+    dsn = make_db(request.module.__name__.rpartition(".")[2].removeprefix("test_"))
+    fx.load(dsn)
+    return dsn
 
 
 @pytest.fixture

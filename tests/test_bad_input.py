@@ -32,13 +32,6 @@ RUN = "bad-input"
 SECRET = "S3cret-pw-4-tests"
 
 
-@pytest.fixture
-def legacy(make_db) -> str:
-    dsn = make_db("bad")
-    fx.load(dsn)
-    return dsn
-
-
 def relations(dsn: str) -> list[tuple[str, str]]:
     with psycopg.connect(dsn) as conn:
         return conn.execute(

@@ -25,13 +25,6 @@ from user_migration.cutover import (
 from user_migration.rollback import carry_back
 
 
-@pytest.fixture
-def legacy(make_db) -> str:
-    dsn = make_db("cap")
-    fx.load(dsn)
-    return dsn
-
-
 def plan_mode(dsn: str, run_id: str) -> tuple[str, str]:
     with psycopg.connect(dsn) as conn:
         return conn.execute(

@@ -7,20 +7,12 @@ from __future__ import annotations
 import datetime as dt
 
 import psycopg
-import pytest
 from support import fixture_users as fx
 from support.pipeline import rejects, run_stages, snapshot
 from support.sync import SETTINGS
 
 from user_migration import audit
 from user_migration.partition_copy import copy_partition
-
-
-@pytest.fixture
-def legacy(make_db) -> str:
-    dsn = make_db("carried")
-    fx.load(dsn)
-    return dsn
 
 
 def read_again(dsn: str, run_id: str) -> set[int]:

@@ -16,13 +16,6 @@ from support.sync import SETTINGS, cutover, expected_target, migrated, start_wri
 from user_migration.cutover import CutoverRefused, active_cutover
 
 
-@pytest.fixture
-def legacy(make_db) -> str:
-    dsn = make_db("cut")
-    fx.load(dsn)
-    return dsn
-
-
 def test_passes_converge_while_the_application_writes_then_cutover_freezes_it(legacy, backup_dir, tmp_path):
     finish = start_writer(legacy, tmp_path)
     time.sleep(0.5)

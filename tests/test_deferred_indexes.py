@@ -27,13 +27,6 @@ SECONDARY = {
 }
 
 
-@pytest.fixture
-def legacy(make_db) -> str:
-    dsn = make_db("legacy")
-    fx.load(dsn)
-    return dsn
-
-
 def _indexes(conn: psycopg.Connection) -> dict[str, str]:
     return dict(
         conn.execute(

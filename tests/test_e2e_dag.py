@@ -76,13 +76,6 @@ def asset_events(airflow_home: Path, run_id: str) -> list[tuple[str, str, dict]]
     return [(task, uri, json.loads(extra) if isinstance(extra, str) else extra) for task, uri, extra in rows]
 
 
-@pytest.fixture
-def legacy(make_db) -> str:
-    dsn = make_db("e2e")
-    fx.load(dsn)
-    return dsn
-
-
 def personal_values() -> list[str]:
     values = []
     for row in fx.ROWS:

@@ -50,13 +50,6 @@ from user_migration.partition_copy import copy_partition
 pytestmark = pytest.mark.faults
 
 
-@pytest.fixture
-def legacy(make_db) -> str:
-    dsn = make_db("faults")
-    fx.load(dsn)
-    return dsn
-
-
 CHILD = textwrap.dedent(
     """
     import json, sys

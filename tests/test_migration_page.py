@@ -31,13 +31,6 @@ from user_migration.ui_data import page_data
 
 
 @pytest.fixture
-def legacy(make_db) -> str:
-    dsn = make_db("page")
-    fx.load(dsn)
-    return dsn
-
-
-@pytest.fixture
 def client(legacy) -> Iterator[TestClient]:
     """The app with DAG access granted and the test database as the target."""
 

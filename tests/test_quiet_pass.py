@@ -7,8 +7,6 @@ from __future__ import annotations
 import datetime as dt
 
 import psycopg
-import pytest
-from support import fixture_users as fx
 from support.pipeline import rejects, run_stages, snapshot
 from support.sync import SETTINGS
 
@@ -16,13 +14,6 @@ from user_migration import plan as plan_module
 from user_migration.config import Settings
 
 FULL = Settings(**{**SETTINGS.__dict__, "full_reconcile": True})
-
-
-@pytest.fixture
-def legacy(make_db) -> str:
-    dsn = make_db("quiet")
-    fx.load(dsn)
-    return dsn
 
 
 def plan_of(dsn: str, run_id: str) -> tuple:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from support import fixture_users as fx
 from support.pipeline import run_stages
 
 from user_migration import audit
@@ -23,13 +22,6 @@ from user_migration.config import BACKUP_DIR_ENV, Settings
 from user_migration.cutover import CutoverOptions, run_cutover
 from user_migration.retention import prune_backups
 from user_migration.rollback import carry_back
-
-
-@pytest.fixture
-def legacy(make_db) -> str:
-    dsn = make_db("ret")
-    fx.load(dsn)
-    return dsn
 
 
 def finished_pass(dsn: str, run_id: str, root: Path, settings: Settings | None = None) -> str:

@@ -38,13 +38,6 @@ CAPTURE_FUNCTIONS = [f"user_migration_capture_{n}" for n in range(3)]
 
 
 @pytest.fixture
-def legacy(make_db) -> str:
-    dsn = make_db("roles")
-    fx.load(dsn)
-    return dsn
-
-
-@pytest.fixture
 def roles(pg_server, legacy):
     """Fresh names (app: the legacy tables' owner; pass; switch) and passwords; all dropped afterwards."""
     suffix = uuid.uuid4().hex[:8]

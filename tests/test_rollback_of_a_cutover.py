@@ -22,13 +22,6 @@ from user_migration.errors import MigrationError
 from user_migration.rollback import carry_back, restore
 
 
-@pytest.fixture
-def legacy(make_db) -> str:
-    dsn = make_db("cut")
-    fx.load(dsn)
-    return dsn
-
-
 @pytest.mark.parametrize("batch", [1, 10_000])  # the changed rows are read a batch at a time
 def test_rollback_carries_back_every_change_made_after_the_cutover(legacy, backup_dir, batch, monkeypatch):
     monkeypatch.setattr(rollback, "BATCH", batch)

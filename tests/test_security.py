@@ -57,13 +57,6 @@ def mode(path: Path) -> int:
 
 
 @pytest.fixture
-def legacy(make_db) -> str:
-    dsn = make_db("sec")
-    fx.load(dsn)
-    return dsn
-
-
-@pytest.fixture
 def role(pg_server, legacy):
     """A fresh role name and password; the role is dropped (with its grants and objects) afterwards."""
     name = f"um_migrator_{uuid.uuid4().hex[:8]}"

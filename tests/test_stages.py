@@ -24,13 +24,6 @@ from user_migration.partition_copy import copy_partition
 from user_migration.schema import apply_schema
 
 
-@pytest.fixture
-def legacy(make_db) -> str:
-    dsn = make_db("legacy")
-    fx.load(dsn)
-    return dsn
-
-
 def test_fixture_outcome_row_by_row(legacy, backup_dir):
     result = run_stages(legacy, legacy, Settings(partitions=3, batch_size=4), "run-1", backup_dir)
 

@@ -26,13 +26,6 @@ NP = Settings(partitions=3, batch_size=5)
 IN = Settings(partitions=3, batch_size=5, phone_region="IN")
 
 
-@pytest.fixture
-def legacy(make_db) -> str:
-    dsn = make_db("settings")
-    fx.load(dsn)
-    return dsn
-
-
 def phones(dsn: str) -> dict[int, str]:
     return {user[0]: user[8] for user in snapshot(dsn)["users"]}
 

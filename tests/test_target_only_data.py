@@ -8,7 +8,6 @@ notifications with it.
 from __future__ import annotations
 
 import psycopg
-import pytest
 from support import fixture_users as fx
 from support.pipeline import run_stages, snapshot
 
@@ -16,13 +15,6 @@ from user_migration.config import Settings
 
 SETTINGS = Settings(partitions=2, batch_size=5)
 TAKER, HOLDER = 1, 27  # in partitions 0 and 1
-
-
-@pytest.fixture
-def legacy(make_db) -> str:
-    dsn = make_db("keep")
-    fx.load(dsn)
-    return dsn
 
 
 def test_a_displaced_holder_keeps_its_profile_and_addresses(legacy, backup_dir):

@@ -34,13 +34,6 @@ from user_migration.partition_copy import copy_partition
 from user_migration.throttle import Throttle
 
 
-@pytest.fixture
-def legacy(make_db) -> str:
-    dsn = make_db("thr")
-    fx.load(dsn)
-    return dsn
-
-
 def events(dsn: str) -> list[tuple]:
     with psycopg.connect(dsn) as conn:
         return conn.execute(

@@ -6,19 +6,11 @@ from __future__ import annotations
 
 import psycopg
 import pytest
-from support import fixture_users as fx
 from support.pipeline import run_stages
 from support.sync import SETTINGS
 
 from user_migration.validation import validate_target
 from user_migration.validation_reuse import TRIGGERS, run_suite
-
-
-@pytest.fixture
-def legacy(make_db) -> str:
-    dsn = make_db("gxreuse")
-    fx.load(dsn)
-    return dsn
 
 
 class Suite:
