@@ -9,7 +9,7 @@ import time
 import psycopg
 import pytest
 from support import fixture_users as fx
-from support.pipeline import run_stages
+from support.pipeline import run_stages, snapshot
 
 from user_migration import audit, deferred_keys
 from user_migration.backup import run_backup
@@ -29,13 +29,6 @@ KEYS = {
     "account_newuser_user_permissions_newuser_id_fkey",
     "account_newuser_user_permissions_permission_id_fk",
 }
-
-
-@pytest.fixture
-def legacy(make_db) -> str:
-    dsn = make_db("legacy")
-    fx.load(dsn)
-    return dsn
 
 
 def _schema(conn: psycopg.Connection) -> dict[str, set[tuple]]:
@@ -76,15 +69,10 @@ def _link_keys(conn: psycopg.Connection) -> dict[str, bool]:
     )
 
 
-def _links(conn: psycopg.Connection) -> dict[str, list[tuple]]:
-    return {
-        "groups": conn.execute(
-            "SELECT id, newuser_id, group_id FROM account_newuser_groups ORDER BY id"
-        ).fetchall(),
-        "permissions": conn.execute(
-            "SELECT id, newuser_id, permission_id FROM account_newuser_user_permissions ORDER BY id"
-        ).fetchall(),
-    }
+def _links(dsn: str) -> dict[str, list[tuple]]:
+    """The target's group and permission links, as support.pipeline.snapshot reads them."""
+    migrated = snapshot(dsn)
+    return {"groups": migrated["groups"], "permissions": migrated["permissions"]}
 
 
 def _plan(conn: psycopg.Connection, settings: Settings, run_id: str, backup_dir) -> dict:
@@ -110,6 +98,17 @@ def _first_load_copied(dsn: str, conn: psycopg.Connection, settings: Settings, b
     return as_created
 
 
+def _assert_kept_then_loaded(
+    dsn: str, conn: psycopg.Connection, settings: Settings, plan: dict, kept: str, schema_before: dict
+) -> None:
+    """The plan deferred every key but ``kept``, which stayed valid; the load then ends with ``schema_before``."""
+    assert set(plan["deferred_keys"]) == KEYS - {kept}
+    assert _link_keys(conn) == {kept: True}
+    _copy_all(dsn, conn, settings, "run-1", plan)
+    finalize_target(conn, conn, settings, "run-1")
+    assert _schema(conn) == schema_before
+
+
 def test_a_first_load_ends_with_the_keys_and_links_of_a_normal_load(legacy, make_db, backup_dir, monkeypatch):
     """Deferred, then added back: the same validated keys, indexes, triggers and rows as keys kept in place."""
     settings = Settings(partitions=2, batch_size=5)
@@ -133,11 +132,11 @@ def test_a_first_load_ends_with_the_keys_and_links_of_a_normal_load(legacy, make
         assert _link_keys(conn) == dict.fromkeys(KEYS, True)
         assert _schema(conn) == as_created
         assert conn.execute("SELECT count(*) FROM migration_audit.deferred_keys").fetchone()[0] == 0
-        assert _links(conn) == {
+        assert _links(legacy) == {
             "groups": fx.MIGRATED_GROUP_LINKS,
             "permissions": fx.MIGRATED_PERMISSION_LINKS,
         }
-        deferred_load = _links(conn)
+        deferred_load = _links(legacy)
 
         # Enforced again, deferred (at commit), and a user's deletion takes its links.
         for statement in (
@@ -165,7 +164,7 @@ def test_a_first_load_ends_with_the_keys_and_links_of_a_normal_load(legacy, make
     with psycopg.connect(normal) as conn:
         assert _link_keys(conn) == dict.fromkeys(KEYS, True)
         assert _schema(conn) == as_created
-        assert _links(conn) == deferred_load
+        assert _links(normal) == deferred_load
 
 
 def test_links_whose_user_left_during_the_load_are_quarantined_with_the_reason(legacy, backup_dir):
@@ -196,7 +195,7 @@ def test_links_whose_user_left_during_the_load_are_quarantined_with_the_reason(l
             ("run-1", "account_newuser_user_permissions", 201, 27, 1, "user_missing"),
         ]
         assert all("ON DELETE CASCADE" in row[6] for row in quarantined)
-        assert _links(conn) == {"groups": [(104, 1, 3)], "permissions": [(203, 40, 3)]}
+        assert _links(legacy) == {"groups": [(104, 1, 3)], "permissions": [(203, 40, 3)]}
         assert _link_keys(conn) == dict.fromkeys(KEYS, True)
 
 
@@ -217,7 +216,7 @@ def test_a_link_to_a_missing_group_is_refused_by_name_and_the_retry_completes(le
         assert "link 104 (user 1, group_id 3)" in message
         assert "Create the missing auth_group rows, or delete those links" in message
         # Nothing dropped: the link is still there, its key NOT VALID (new writes checked) and recorded.
-        assert (104, 1, 3) in _links(conn)["groups"]
+        assert (104, 1, 3) in _links(legacy)["groups"]
         assert _link_keys(conn)["account_newuser_groups_group_id_fk"] is False
         assert conn.execute("SELECT constraint_name FROM migration_audit.deferred_keys").fetchall() == [
             ("account_newuser_groups_group_id_fk",)
@@ -288,11 +287,9 @@ def test_a_busy_auth_group_keeps_its_key_through_the_first_load(legacy, backup_d
         with application.transaction():
             application.execute("SELECT count(*) FROM auth_group")  # an open transaction that read it
             plan = _plan(conn, settings, "run-1", backup_dir)
-        assert set(plan["deferred_keys"]) == KEYS - {"account_newuser_groups_group_id_fk"}
-        assert _link_keys(conn) == {"account_newuser_groups_group_id_fk": True}
-        _copy_all(legacy, conn, settings, "run-1", plan)
-        finalize_target(conn, conn, settings, "run-1")
-        assert _schema(conn) == as_created
+        _assert_kept_then_loaded(
+            legacy, conn, settings, plan, "account_newuser_groups_group_id_fk", as_created
+        )
 
 
 def test_a_key_that_differs_from_the_ddl_stays_in_place(legacy, backup_dir):
@@ -308,11 +305,9 @@ def test_a_key_that_differs_from_the_ddl_stays_in_place(legacy, backup_dir):
         )
         as_changed = _schema(conn)
         plan = _plan(conn, settings, "run-1", backup_dir)
-        assert set(plan["deferred_keys"]) == KEYS - {"account_newuser_groups_newuser_id_fkey"}
-        assert _link_keys(conn) == {"account_newuser_groups_newuser_id_fkey": True}
-        _copy_all(legacy, conn, settings, "run-1", plan)
-        finalize_target(conn, conn, settings, "run-1")
-        assert _schema(conn) == as_changed
+        _assert_kept_then_loaded(
+            legacy, conn, settings, plan, "account_newuser_groups_newuser_id_fkey", as_changed
+        )
 
 
 def test_readers_of_auth_group_never_queue_long_behind_the_dropping_of_its_key(legacy, backup_dir):
