@@ -46,6 +46,18 @@ DIGEST = (
 )
 
 
+def write_to_scratch(users: str, rejected: str, fixes: str, state: str) -> sql.Composed:
+    """Point the copy's COPY statements at scratch tables, under the same statements' shape; returns
+    the users' COPY (the copy builds that one per job). Names are trusted (this tool's own)."""
+    pc.REJECTED_COPY = pc.REJECTED_COPY.replace("migration_audit.rejected_rows", rejected)
+    pc.FIXES_COPY = pc.FIXES_COPY.replace("migration_audit.field_fixes", fixes)
+    pc.STATE_LOAD_COPY = pc.STATE_LOAD_COPY.replace("migration_audit.source_state", state)
+    return sql.SQL("COPY {} ({}) FROM STDIN").format(
+        sql.SQL(users),
+        sql.SQL(", ").join(map(sql.Identifier, [*pc.USER_COLUMNS, "joined_at", "updated_at"])),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dsn", required=True, help="the database a bench run kept (--keep)")
@@ -70,13 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             (args.rows,),
         )
     )
-    # The writes go to the temporary tables, under the same statements' shape.
-    pc.REJECTED_COPY = pc.REJECTED_COPY.replace("migration_audit.rejected_rows", "h_rejected")
-    pc.FIXES_COPY = pc.FIXES_COPY.replace("migration_audit.field_fixes", "h_fixes")
-    pc.STATE_LOAD_COPY = pc.STATE_LOAD_COPY.replace("migration_audit.source_state", "h_state")
-    users_copy = sql.SQL("COPY h_users ({}) FROM STDIN").format(
-        sql.SQL(", ").join(map(sql.Identifier, [*pc.USER_COLUMNS, "joined_at", "updated_at"]))
-    )
+    users_copy = write_to_scratch(*TEMP_TABLES)
     transformer = pc.Transformer("NP", "fix", today=TODAY)
     names = pc.legacy_names(settings)
     print(f"{len(rows):,} rows, {len(losers):,} duplicate losers, {'binary' if binary else 'text'} COPY")

@@ -46,6 +46,8 @@ from psycopg import sql
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent / "plugins")]
 
+from copy_cpu import write_to_scratch  # noqa: E402
+
 from user_migration import partition_copy as pc  # noqa: E402
 from user_migration.config import Settings  # noqa: E402
 from user_migration.db import legacy_select_list  # noqa: E402
@@ -162,13 +164,11 @@ def main(argv: list[str] | None = None) -> int:
             ).format(legacy_select_list(mapping), row_hash_sql(mapping)),
             (args.rows,),
         ).fetchall()
-        pc.REJECTED_COPY = pc.REJECTED_COPY.replace(
-            "migration_audit.rejected_rows", "inserver_estimate.rejected"
-        )
-        pc.FIXES_COPY = pc.FIXES_COPY.replace("migration_audit.field_fixes", "inserver_estimate.fixes")
-        pc.STATE_LOAD_COPY = pc.STATE_LOAD_COPY.replace("migration_audit.source_state", "inserver_estimate.s")
-        users_copy = sql.SQL("COPY inserver_estimate.u ({}) FROM STDIN").format(
-            sql.SQL(", ").join(map(sql.Identifier, [*pc.USER_COLUMNS, "joined_at", "updated_at"]))
+        users_copy = write_to_scratch(
+            "inserver_estimate.u",
+            "inserver_estimate.rejected",
+            "inserver_estimate.fixes",
+            "inserver_estimate.s",
         )
         result = pc.PartitionResult(0, 1, args.rows)
         names = pc.legacy_names(settings)
